@@ -1,0 +1,1 @@
+"""Test doubles shipped with disaggd (stand-in engine)."""
