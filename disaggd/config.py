@@ -133,6 +133,12 @@ class KVTransferSection(_Section):
     extra_config: Mapping[str, Any] = Field(
         default_factory=dict, description="kv_connector_extra_config, passed through."
     )
+    block_size: int = Field(
+        default=16,
+        ge=1,
+        description="KV block size in tokens (vllm serve --block-size; 16 on GPU, 128 on "
+        "CPU). KV moves in whole blocks: the per-request KV check allows one block less.",
+    )
     port_base: Port | None = Field(
         default=None,
         description="First per-instance KV port when an instance gives none "
