@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -37,11 +36,8 @@ from pydantic import (
 )
 
 from disaggd import connectors
+from disaggd._compat import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
 
 #: Where `disaggd run` looks for its topology when ``-c`` is not given.
 DEFAULT_CONFIG_PATH = Path("/etc/disaggd/disaggd.toml")
@@ -449,7 +445,32 @@ def _schema_problems(exc: ValidationError, data: Mapping[str, Any]) -> Iterator[
         else:
             got = _value_at(data, loc)
             shown = f" (got {got!r})" if got is not _MISSING else ""
-            yield Problem(key, f"{err['msg']}{shown}")
+            msg = _PLAIN_TYPES.get(kind, err["msg"])
+            if kind in ("enum", "literal_error"):
+                options = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+                near = difflib.get_close_matches(str(got), options, n=1, cutoff=0.6)
+                if near:
+                    msg += f"; did you mean '{near[0]}'?"
+            yield Problem(key, f"{msg}{shown}")
+
+
+#: pydantic's type errors in the words of a TOML file.
+_PLAIN_TYPES = {
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+    "dict_type": 'expected a table, e.g. { KEY = "value" }',
+    "mapping_type": 'expected a table, e.g. { KEY = "value" }',
+    "model_type": "expected a table",
+    "model_attributes_type": "expected a table",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+}
 
 
 _MISSING = object()

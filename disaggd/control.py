@@ -1,0 +1,284 @@
+"""The control socket: a small JSON protocol over a Unix socket, and its client.
+
+Protocol: the client connects, writes one JSON object and a newline, and reads
+one JSON object and a newline back, then the connection closes.
+
+Requests: ``{"command": "status"}``, ``{"command": "reload"}``,
+``{"command": "restart", "name": NAME}``, ``{"command": "stop"}``.
+Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+
+The socket is created with mode 0600 (owner only), and a peer whose uid is
+neither the daemon's nor root is refused after connecting (SO_PEERCRED), in
+case the file mode was loosened by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from disaggd.logs import get_logger
+
+log = get_logger("disaggd.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+#: A request line larger than this is refused (bytes).
+MAX_REQUEST = 64 * 1024
+
+
+class ControlUnavailable(Exception):
+    """No daemon answers on the control socket (missing, refused, or timed out)."""
+
+
+class ControlSocketInUse(Exception):
+    """Another daemon already answers on the control socket."""
+
+
+class ControlServer:
+    """Serves the control protocol on a Unix socket; one handler for all commands."""
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: asyncio.base_events.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        """Create the socket (mode 0600) and start accepting.
+
+        Raises:
+            ControlSocketInUse: another daemon answers on `path`.
+            OSError: the socket cannot be created.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if await _answers(self.path):
+                raise ControlSocketInUse(f"another disaggd answers on {self.path}")
+            self.path.unlink()  # stale, left by a daemon that was killed
+        # Create it 0600 from the start: a chmod after bind leaves a window.
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_one, path=str(self.path), limit=MAX_REQUEST
+            )
+        finally:
+            os.umask(old_umask)
+        self._inode = self.path.stat().st_ino
+        log.info("control_socket_listening", path=str(self.path))
+
+    async def close(self) -> None:
+        """Stop accepting, wait for open connections, and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        # Remove the file only if it is still ours (a new daemon may have replaced it).
+        with contextlib.suppress(OSError):
+            if self._inode is not None and self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = _peer_uid(sock) if sock is not None else None
+            if uid is not None and uid not in (0, os.getuid()):
+                log.warning("control_peer_refused", uid=uid)
+                await _reply(writer, {"ok": False, "error": "permission denied"})
+                return
+            try:
+                line = await asyncio.wait_for(reader.readline(), 10)
+                request = json.loads(line)
+                if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+                    raise ValueError("expected a JSON object with a 'command'")
+            except (ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError) as exc:
+                await _reply(writer, {"ok": False, "error": f"bad request: {exc}"})
+                return
+            try:
+                reply = await self._handler(request)
+            except Exception as exc:  # one bad command must not kill the daemon
+                log.exception("control_command_failed", command=request.get("command"))
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            await _reply(writer, reply)
+        except (ConnectionError, OSError):
+            pass  # the client went away; nothing to tell it
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    writer.write(json.dumps(reply, default=str).encode() + b"\n")
+    await writer.drain()
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+async def _answers(path: Path) -> bool:
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return True
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+def resolve_socket(explicit: Path | None, config_path: Path) -> Path | int:
+    """The socket a CLI command talks to: ``--socket``, else the topology's.
+
+    Returns EX_CONFIG (after printing the problems) when the topology is invalid.
+    """
+    if explicit is not None:
+        return explicit
+    from disaggd.cli import _load
+
+    topo = _load(config_path)
+    if isinstance(topo, int):
+        return topo
+    return topo.daemon.control_socket
+
+
+def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request and return the reply (blocking; for the CLI).
+
+    Raises:
+        ControlUnavailable: no socket, nobody listening, permission denied, or
+            no reply within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlUnavailable(
+                f"no daemon: control socket {path} does not exist (is disaggd running?)"
+            ) from None
+        except ConnectionRefusedError:
+            raise ControlUnavailable(
+                f"no daemon: nothing listens on {path} (stale socket?)"
+            ) from None
+        except PermissionError:
+            raise ControlUnavailable(f"permission denied on {path} (run as its owner)") from None
+        except OSError as exc:
+            raise ControlUnavailable(f"cannot connect to {path}: {exc}") from None
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        chunks: list[bytes] = []
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise ControlUnavailable(f"no reply from {path} within {timeout:g} s") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                break
+    finally:
+        sock.close()
+    raw = b"".join(chunks)
+    if not raw:
+        raise ControlUnavailable(f"the daemon on {path} closed the connection without a reply")
+    reply = json.loads(raw)
+    if not isinstance(reply, dict):
+        raise ControlUnavailable(f"unexpected reply from {path}: {raw[:200]!r}")
+    return reply
+
+
+def render_reply(command: str, reply: dict[str, Any], *, as_json: bool = False) -> tuple[str, int]:
+    """Text for the user and the exit status of a control command."""
+    ok = bool(reply.get("ok"))
+    status = 0 if ok else 1
+    if as_json:
+        return json.dumps(reply, indent=2, default=str), status
+    if not ok:
+        return f"disaggd {command}: {reply.get('error', 'failed')}", status
+    if command == "status":
+        return render_status(reply.get("instances", []), reply), status
+    if command == "reload":
+        return render_plan(reply), status
+    return str(reply.get("message", "ok")), status
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None = None) -> str:
+    """The `disaggd status` table."""
+    header = ("INSTANCE", "ROLE", "STATE", "READY", "PID", "PORT", "UPTIME", "RESTARTS",
+              "INFLIGHT", "LAST EXIT")
+    rows = [header]
+    for inst in instances:
+        rows.append(
+            (
+                str(inst.get("name")),
+                str(inst.get("role")),
+                str(inst.get("state")),
+                "yes" if inst.get("ready") else "no",
+                str(inst.get("pid") or "-"),
+                str(inst.get("port") or inst.get("url") or "-"),
+                _duration(inst.get("uptime")),
+                str(inst.get("restarts", 0)),
+                str(inst.get("inflight", 0)),
+                str(inst.get("last_exit") or "-"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+             for r in rows]
+    if reply and reply.get("proxy"):
+        proxy = reply["proxy"]
+        lines.append(
+            f"\nproxy {proxy.get('url')}: {proxy.get('inflight', 0)} in flight, "
+            f"health {'ok' if proxy.get('healthy') else 'NOT READY'}"
+        )
+    return "\n".join(lines)
+
+
+def render_plan(reply: dict[str, Any]) -> str:
+    """The `disaggd reload` summary: kept / restarted / added / removed."""
+    plan = reply.get("plan", {})
+    parts = []
+    for key in ("kept", "restarted", "added", "removed"):
+        names = plan.get(key, [])
+        parts.append(f"{key}: {', '.join(names) if names else '-'}")
+    text = "reload applied; " + "; ".join(parts)
+    if plan.get("settings"):
+        text += f"\nsettings applied: {', '.join(plan['settings'])}"
+    for note in reply.get("notes", []):
+        text += f"\nnote: {note}"
+    return text

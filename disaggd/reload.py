@@ -1,0 +1,87 @@
+"""Reload as a diff: what changed between the running topology and a new one.
+
+Like supervisord's ``diff_to_active`` (supervisor/supervisord.py), a reload is
+computed, not improvised: every instance is kept, restarted, added or removed,
+and every changed setting section is named. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from disaggd.command import build_child_spec
+from disaggd.config import InstanceSection, Topology
+
+
+def fingerprint(topo: Topology, inst: InstanceSection) -> tuple[Any, ...]:
+    """What decides whether an instance must restart: its role and exact argv/env or url."""
+    if not inst.spawned:
+        return ("remote", inst.role.value, inst.url, inst.kv_host, inst.kv_port)
+    spec = build_child_spec(topo, inst)
+    return ("spawned", inst.role.value, spec.argv, tuple(sorted(spec.env.items())))
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """The outcome of comparing two topologies.
+
+    Attributes:
+        kept: instances whose spec did not change (left running, same pid).
+        restarted: instances whose spec changed (restarted one at a time).
+        added: instances only in the new topology.
+        removed: instances only in the old topology (drained, then stopped).
+        settings: sections applied in place (``proxy``, ``supervisor``, ...).
+        needs_restart: settings a reload cannot apply (the daemon must restart).
+    """
+
+    kept: tuple[str, ...]
+    restarted: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    settings: tuple[str, ...]
+    needs_restart: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing at all changes."""
+        return not (self.restarted or self.added or self.removed or self.settings)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        """JSON-ready form for the control reply and the log."""
+        return {
+            "kept": list(self.kept),
+            "restarted": list(self.restarted),
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "settings": list(self.settings),
+            "needs_restart": list(self.needs_restart),
+        }
+
+
+def diff(running: Mapping[str, tuple[Any, ...]], new: Topology, old: Topology) -> ReloadPlan:
+    """Compare what runs now with `new`.
+
+    Args:
+        running: instance name -> `fingerprint` of what that instance runs now
+            (after a partly failed reload this differs from `old`).
+        new: the freshly loaded topology.
+        old: the topology the daemon's settings come from now.
+    """
+    new_fps = {inst.name: fingerprint(new, inst) for inst in new.instances}
+    kept = tuple(n for n in new_fps if n in running and running[n] == new_fps[n])
+    restarted = tuple(n for n in new_fps if n in running and running[n] != new_fps[n])
+    added = tuple(n for n in new_fps if n not in running)
+    removed = tuple(n for n in running if n not in new_fps)
+    settings = tuple(
+        section
+        for section in ("proxy", "supervisor", "kv_transfer", "daemon")
+        if getattr(old, section) != getattr(new, section)
+    )
+    needs_restart = tuple(
+        f"daemon.{key}"
+        for key in ("control_socket", "state_dir")
+        if getattr(old.daemon, key) != getattr(new.daemon, key)
+    )
+    return ReloadPlan(kept, restarted, added, removed, settings, needs_restart)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: on a fresh machine, set up the environment, build the tiny model if it
+# is missing, and run disaggd in the foreground on the embedded CPU topology
+# (one prefill + one decode vLLM on this machine, ExampleConnector, proxy on :8000).
+# Ctrl-C drains and stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+VENV=${VENV:-.venv}
+CONFIG=${CONFIG:-etc/examples/cpu-tiny.toml}
+"$VENV/bin/disaggd" build-tiny-model models/tiny-llama >/dev/null
+exec "$VENV/bin/disaggd" run -c "$CONFIG" "$@"
