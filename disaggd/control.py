@@ -239,8 +239,18 @@ def _duration(seconds: float | None) -> str:
 
 def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None = None) -> str:
     """The `disaggd status` table."""
-    header = ("INSTANCE", "ROLE", "STATE", "READY", "PID", "PORT", "UPTIME", "RESTARTS",
-              "INFLIGHT", "LAST EXIT")
+    header = (
+        "INSTANCE",
+        "ROLE",
+        "STATE",
+        "READY",
+        "PID",
+        "PORT",
+        "UPTIME",
+        "RESTARTS",
+        "INFLIGHT",
+        "LAST EXIT",
+    )
     rows = [header]
     for inst in instances:
         rows.append(
@@ -258,8 +268,10 @@ def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None 
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-             for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    ]
     if reply and reply.get("proxy"):
         proxy = reply["proxy"]
         lines.append(

@@ -117,8 +117,9 @@ class Daemon:
             log.error("control_socket_in_use", error=str(exc))
             return EX_UNAVAILABLE
         except OSError as exc:
-            log.error("control_socket_failed", path=str(self.topo.daemon.control_socket),
-                      error=str(exc))
+            log.error(
+                "control_socket_failed", path=str(self.topo.daemon.control_socket), error=str(exc)
+            )
             return EX_FAILURE
         status = EX_FAILURE
         try:
@@ -175,8 +176,9 @@ class Daemon:
                         task.cancel()
             except ExceptionGroup as group:
                 for exc in group.exceptions:
-                    log.error("daemon_task_failed", error=f"{type(exc).__name__}: {exc}",
-                              exc_info=exc)
+                    log.error(
+                        "daemon_task_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc
+                    )
                 await supervisor.shutdown()
                 return EX_FAILURE
         return EX_OK if ok else EX_FAILURE
@@ -187,7 +189,9 @@ class Daemon:
         self.notifier.stopping()
         self.proxy.stop_accepting()
         inflight = self.proxy.inflight
-        log.info("shutdown_started", inflight=inflight, drain_timeout=self.topo.daemon.drain_timeout)
+        log.info(
+            "shutdown_started", inflight=inflight, drain_timeout=self.topo.daemon.drain_timeout
+        )
         if inflight and not self._force.is_set():
             drained = await _first(
                 self.proxy.wait_drained(self.topo.daemon.drain_timeout), self._force.wait()
@@ -305,7 +309,10 @@ class Daemon:
         except ConfigError as exc:
             problems = [p.render(exc.path) for p in exc.problems]
             log.error("reload_rejected", trigger=trigger, problems=problems)
-            return {"ok": False, "error": "invalid topology, nothing changed:\n" + "\n".join(problems)}
+            return {
+                "ok": False,
+                "error": "invalid topology, nothing changed:\n" + "\n".join(problems),
+            }
         plan = diff(self._running, new, self.topo)
         log.info("reload_plan", trigger=trigger, **plan.as_dict())
         notes = [f"{key} changed: restart the daemon to apply it" for key in plan.needs_restart]
@@ -353,8 +360,11 @@ class Daemon:
                 left = plan.restarted[idx + 1 :]
                 notes.append(
                     f"{name} did not become ready with its new spec; "
-                    + (f"not restarted: {', '.join(left)} (still on the old spec)" if left else
-                       "no other instance was touched")
+                    + (
+                        f"not restarted: {', '.join(left)} (still on the old spec)"
+                        if left
+                        else "no other instance was touched"
+                    )
                 )
                 return True
         return False
@@ -438,7 +448,10 @@ class Daemon:
             self.router.set_draining(name, False)
         status = self.supervisor.status(name)
         if not ok:
-            return {"ok": False, "error": f"{name} did not become ready: {status.last_exit or status.state.value}"}
+            return {
+                "ok": False,
+                "error": f"{name} did not become ready: {status.last_exit or status.state.value}",
+            }
         return {"ok": True, "message": f"{name} restarted (pid {status.pid})"}
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -498,4 +511,3 @@ def _proxy_port_problem(topo: Topology) -> str | None:
         except OSError as exc:
             return f"proxy port {host}:{port} is not available: {exc.strerror or exc}"
     return None
-

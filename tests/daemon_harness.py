@@ -58,7 +58,9 @@ class NotifySocket:
 class DaemonProcess:
     """`python -m disaggd run -c FILE` with a notify socket and its output in a file."""
 
-    def __init__(self, tmp_path: Path, doc: Mapping[str, Any], env: Mapping[str, str] | None = None):
+    def __init__(
+        self, tmp_path: Path, doc: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ):
         self.tmp_path = tmp_path
         self.doc = doc
         self.config = write_topology(tmp_path / "disaggd.toml", doc)
@@ -153,8 +155,12 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def http_post(url: str, body: Mapping[str, Any], timeout: float = 30.0,
-              headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+def http_post(
+    url: str,
+    body: Mapping[str, Any],
+    timeout: float = 30.0,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, bytes]:
     """POST JSON to `url`; (status, body) whatever the status."""
     req = urllib.request.Request(
         url,

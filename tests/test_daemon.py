@@ -42,7 +42,9 @@ def engine_pids(d: DaemonProcess) -> list[int]:
     return pids
 
 
-def stream_completion(port: int, prompt: str, max_tokens: int, timeout: float = 60) -> tuple[int, str]:
+def stream_completion(
+    port: int, prompt: str, max_tokens: int, timeout: float = 60
+) -> tuple[int, str]:
     """A streaming completion through the proxy; (status, whole body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -74,8 +76,10 @@ def test_sigterm_drains_inflight_streams_then_exits_zero(tmp_path: Path) -> None
             wait_for(lambda: d.status()["decode-0"]["inflight"] >= 20, 20, what="20 in flight")
             d.signal(signal.SIGTERM)
             wait_for(lambda: "shutdown_started" in d.log(), 10)
-            status, body = http_post(f"{d.proxy_url}/v1/completions",
-                                     {"model": "standin-model", "prompt": "late", "max_tokens": 2})
+            status, body = http_post(
+                f"{d.proxy_url}/v1/completions",
+                {"model": "standin-model", "prompt": "late", "max_tokens": 2},
+            )
             assert status == 503, body
             assert json.loads(body)["error"]["message"]
             results = [f.result(60) for f in futures]
@@ -132,8 +136,10 @@ def test_sighup_with_an_invalid_file_changes_nothing(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert "instance[2].prot: unknown key; did you mean 'port'?" in proc.stderr
         assert d.pids() == before
-        status, _ = http_post(f"{d.proxy_url}/v1/completions",
-                              {"model": "standin-model", "prompt": "still here", "max_tokens": 3})
+        status, _ = http_post(
+            f"{d.proxy_url}/v1/completions",
+            {"model": "standin-model", "prompt": "still here", "max_tokens": 3},
+        )
         assert status == 200
         msgs = d.notify.poll()
         reloading = [i for i, m in enumerate(msgs) if m.get("RELOADING") == "1"]
@@ -225,9 +231,7 @@ def test_status_and_restart_one_instance(tmp_path: Path) -> None:
 
 
 def test_sd_notify_ready_only_after_every_instance(tmp_path: Path) -> None:
-    doc = standin_topology(
-        tmp_path, instance_env={"decode-0": {"STANDIN_START_DELAY": "2"}}
-    )
+    doc = standin_topology(tmp_path, instance_env={"decode-0": {"STANDIN_START_DELAY": "2"}})
     with DaemonProcess(tmp_path, doc) as d:
         d.start(wait_ready=False)
         idx = d.notify.wait("READY", timeout=60)
@@ -263,8 +267,9 @@ def test_control_socket_is_owner_only(tmp_path: Path) -> None:
             "    print('refused'); sys.exit(0)\n"
             "print('connected'); sys.exit(1)\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
         assert proc.stdout.strip() == "refused", proc.stdout + proc.stderr
 
 
@@ -273,13 +278,17 @@ def test_client_without_daemon(tmp_path: Path) -> None:
     path = write_topology(tmp_path / "t.toml", doc)
     proc = subprocess.run(
         [sys.executable, "-m", "disaggd", "status", "-c", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 69
     assert "no daemon" in proc.stderr and "ctl.sock" in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "disaggd", "reload", "--socket", str(tmp_path / "x.sock")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 69 and "x.sock" in proc.stderr
 
@@ -351,10 +360,11 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     (tmp_path / "disaggd.service").write_text(unit.replace("/usr/local/bin/disaggd", exe))
     proc = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "disaggd.service")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "disaggd.service" not in proc.stderr, proc.stderr  # no warning about our unit
     for line in ("Type=notify", "KillMode=mixed", "ExecReload=", "Restart=on-failure"):
         assert line in unit
-
