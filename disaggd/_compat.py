@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 if sys.version_info >= (3, 11):
-    import tomllib
     from asyncio import TaskGroup
+    from builtins import ExceptionGroup
 
-    ExceptionGroup = ExceptionGroup  # noqa: PLW0127 - re-exported builtin
+    import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
     from exceptiongroup import ExceptionGroup
