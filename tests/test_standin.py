@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -265,6 +266,8 @@ def test_parse_args_accepts_vllm_command_lines() -> None:
     assert "--enforce-eager" in args.ignored and "0.8" in args.ignored
     api = parse_args(["--trust-remote-code", "--model", "m", "--host", "0.0.0.0"])
     assert (api.model, api.host, api.port) == ("m", "0.0.0.0", 8000)
+    flagged = parse_args(["serve", "--enforce-eager", "--no-enable-prefix-caching", "M", "-O3"])
+    assert flagged.model == "M"
     with pytest.raises(UsageError):
         parse_args(["serve", "--port", "1"])
     with pytest.raises(UsageError):
@@ -772,6 +775,22 @@ def _raw_post(port: int, path: str, body: Mapping[str, Any]) -> bytes:
     return raw
 
 
+def test_max_num_seqs_queues_requests(spawn: Any) -> None:
+    s = spawn("--max-num-seqs", "1", env={"STANDIN_TOKEN_DELAY": "0.05"}).wait_ready()
+    threads = [
+        threading.Thread(target=s.complete, args=(f"queued {i}",), kwargs={"max_tokens": 8})
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: s.info()["counters"]["inflight"] == 2, timeout=3)
+    assert s.metric("vllm:num_requests_running") == 1
+    assert s.metric("vllm:num_requests_waiting") == 1
+    for t in threads:
+        t.join(5)
+    assert s.metric("vllm:num_requests_waiting") == 0
+
+
 def test_midstream_error_cuts_connection(spawn: Any) -> None:
     s = spawn().wait_ready()
     cut = {"prompt": "cut [[midstream_error]]", "max_tokens": 20}
@@ -790,6 +809,13 @@ def test_midstream_error_cuts_connection(spawn: Any) -> None:
 def test_sigterm_cuts_streams_short_with_200(spawn: Any) -> None:
     s = spawn(env={"STANDIN_TOKEN_DELAY": "0.02"}).wait_ready()
     engine = s.info()["engine_pid"]
+    plain_result: list[tuple[int, dict[str, Any]]] = []
+    waiter = threading.Thread(
+        target=lambda: plain_result.append(
+            s.post("/v1/completions", {"prompt": "not streamed", "max_tokens": 200})
+        )
+    )
+    waiter.start()
     body = {"prompt": "long one", "max_tokens": 200, "stream_options": {"include_usage": True}}
     conn, resp = s.stream("/v1/completions", body)
     try:
@@ -810,6 +836,10 @@ def test_sigterm_cuts_streams_short_with_200(spawn: Any) -> None:
     wait_for(lambda: not pid_alive(engine), timeout=2, what="engine terminated")
     assert "Shutting down" in s.out()
     assert "Traceback" not in s.err()
+    waiter.join(5)
+    ((status, plain_body),) = plain_result
+    assert status == 200 and plain_body["choices"][0]["finish_reason"] == "abort"
+    assert 0 < plain_body["usage"]["completion_tokens"] < 200
 
 
 def test_shutdown_timeout_drains(spawn: Any) -> None:

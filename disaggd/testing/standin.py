@@ -185,6 +185,13 @@ _VALUE_FLAGS = frozenset(
 )
 
 
+#: vLLM flags that never take a value (so `serve --enforce-eager MODEL` keeps its model).
+_BOOL_FLAG_RE = re.compile(
+    r"^--(enable-|disable-|no-)|^--(trust-remote-code|enforce-eager|skip-tokenizer-init|"
+    r"headless|fully-sharded-loras|use-tqdm-on-load)$"
+)
+
+
 def _looks_like_value(tok: str) -> bool:
     if not tok.startswith("-"):
         return True
@@ -207,7 +214,8 @@ def parse_args(argv: Sequence[str]) -> Args:
 
     An unknown flag takes the next token as its value when that token does not
     look like a flag (``--gpu-memory-utilization 0.8``), so values never become
-    the model.
+    the model; vLLM's boolean flags (``--enforce-eager``, ``--enable-*``,
+    ``--disable-*``, ``--no-*``, ...) take none.
 
     Raises:
         UsageError: no model, or a known flag with a bad value.
@@ -230,7 +238,9 @@ def parse_args(argv: Sequence[str]) -> Args:
             raise UsageError("help")
         if name not in _VALUE_FLAGS:
             ignored.append(tok)
-            if not eq and i < len(toks) and _looks_like_value(toks[i]):
+            if eq or _BOOL_FLAG_RE.match(name):
+                continue
+            if i < len(toks) and _looks_like_value(toks[i]):
                 ignored.append(toks[i])
                 i += 1
             continue
