@@ -58,7 +58,7 @@ class Standin:
 
     # process
 
-    def wait_ready(self, timeout: float = 10.0) -> Standin:
+    def wait_ready(self, timeout: float = 30.0) -> Standin:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"stand-in exited {self.proc.returncode}: {self.err()}")
@@ -650,7 +650,7 @@ def test_start_delay_binds_late(spawn: Any) -> None:
     assert time.monotonic() - t0 >= 1.0
     # A SIGTERM while "loading the model" ends the process at once.
     loading.proc.send_signal(signal.SIGTERM)
-    assert loading.proc.wait(3) == 0
+    assert loading.proc.wait(5) == 0
 
 
 def test_fail_start(spawn: Any) -> None:
@@ -668,7 +668,7 @@ def test_exit_after_requests(spawn: Any, code: int) -> None:
     s.complete("one")
     assert s.complete("two")["choices"][0]["finish_reason"] == "length"  # answered in full
     assert s.proc.wait(5) == code
-    wait_for(lambda: not pid_alive(engine), timeout=3, what="engine gone")
+    wait_for(lambda: not pid_alive(engine), timeout=5, what="engine gone")
 
 
 def test_exit_after_seconds(spawn: Any) -> None:
@@ -690,7 +690,7 @@ def test_hang_after_requests(spawn: Any) -> None:
 
 def test_hang_immediately_and_ignore_sigterm(spawn: Any) -> None:
     s = spawn(env={"STANDIN_HANG_AFTER_REQUESTS": "0", "STANDIN_IGNORE_SIGTERM": "1"})
-    wait_for(lambda: "Starting vLLM API server" in s.out(), timeout=10)
+    wait_for(lambda: "Starting vLLM API server" in s.out(), timeout=30)
     with pytest.raises(OSError):
         s.request("GET", "/health", timeout=0.5)
     s.proc.send_signal(signal.SIGTERM)
@@ -722,7 +722,7 @@ def test_fail_status_count_and_match(spawn: Any) -> None:
 
 def test_runtime_faults_and_health_status(spawn: Any) -> None:
     s = spawn(env={"STANDIN_HEALTH_STATUS": "503"})
-    wait_for(lambda: _connectable(s.port), timeout=10)
+    wait_for(lambda: _connectable(s.port), timeout=30)
     assert s.request("GET", "/health")[0] == 503
     assert s.post("/v1/completions", {"prompt": "still works"})[0] == 200
     status, faults = s.post(
@@ -744,12 +744,12 @@ def test_hang_slow_and_delays(spawn: Any) -> None:
         s.request("POST", "/v1/completions", {"prompt": "never [[hang]]"}, timeout=0.5)
     t0 = time.monotonic()
     s.complete("quick", max_tokens=5)
-    assert 0.25 <= time.monotonic() - t0 < 2  # 0.2 prefill + 5 * 0.01
+    assert 0.25 <= time.monotonic() - t0 < 5  # 0.2 prefill + 5 * 0.01
     t0 = time.monotonic()
     s.complete("slow one [[slow=0.1]]", max_tokens=5)
     assert time.monotonic() - t0 >= 0.7  # 0.2 + 5 * 0.1
     # Stream chunks arrive as produced, not all at the end.
-    conn, resp = s.stream("/v1/completions", {"prompt": "paced [[slow=0.1]]", "max_tokens": 4})
+    conn, resp = s.stream("/v1/completions", {"prompt": "paced [[slow=0.15]]", "max_tokens": 4})
     try:
         t0 = time.monotonic()
         arrivals = [time.monotonic() - t0 for _ in sse_events(resp)]
@@ -778,12 +778,12 @@ def _raw_post(port: int, path: str, body: Mapping[str, Any]) -> bytes:
 def test_max_num_seqs_queues_requests(spawn: Any) -> None:
     s = spawn("--max-num-seqs", "1", env={"STANDIN_TOKEN_DELAY": "0.05"}).wait_ready()
     threads = [
-        threading.Thread(target=s.complete, args=(f"queued {i}",), kwargs={"max_tokens": 8})
+        threading.Thread(target=s.complete, args=(f"queued {i}",), kwargs={"max_tokens": 20})
         for i in range(2)
     ]
     for t in threads:
         t.start()
-    wait_for(lambda: s.info()["counters"]["inflight"] == 2, timeout=3)
+    wait_for(lambda: s.info()["counters"]["inflight"] == 2, timeout=10)
     assert s.metric("vllm:num_requests_running") == 1
     assert s.metric("vllm:num_requests_waiting") == 1
     for t in threads:
@@ -828,12 +828,12 @@ def test_sigterm_cuts_streams_short_with_200(spawn: Any) -> None:
         conn.close()
     assert resp.status == 200
     assert s.proc.wait(5) == 0
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 3  # ~0.1 s on an idle machine
     assert rest[-1] == "[DONE]"
     parsed = [json.loads(e) for e in rest[:-1]]
     assert parsed[-2]["choices"][0]["finish_reason"] == "abort"
     assert 0 < parsed[-1]["usage"]["completion_tokens"] < 200
-    wait_for(lambda: not pid_alive(engine), timeout=2, what="engine terminated")
+    wait_for(lambda: not pid_alive(engine), timeout=5, what="engine terminated")
     assert "Shutting down" in s.out()
     assert "Traceback" not in s.err()
     waiter.join(5)
@@ -872,7 +872,7 @@ def test_ignore_sigterm(spawn: Any) -> None:
     assert "WARNING" in s.out() and "SIGTERM" in s.out()
     s.proc.send_signal(signal.SIGINT)  # SIGINT still shuts it down, engine included
     assert s.proc.wait(5) == 0
-    wait_for(lambda: not pid_alive(engine), timeout=3, what="engine gone")
+    wait_for(lambda: not pid_alive(engine), timeout=5, what="engine gone")
 
 
 def test_engine_survives_sigkill_of_api_server(spawn: Any) -> None:
@@ -888,7 +888,7 @@ def test_engine_survives_sigkill_of_api_server(spawn: Any) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(engine, signal.SIGKILL)
-    wait_for(lambda: not pid_alive(engine), timeout=3, what="engine killed")
+    wait_for(lambda: not pid_alive(engine), timeout=5, what="engine killed")
 
 
 def test_sigint_stops_engine_and_engine_death_stops_server(spawn: Any) -> None:
@@ -896,7 +896,7 @@ def test_sigint_stops_engine_and_engine_death_stops_server(spawn: Any) -> None:
     engine = s.info()["engine_pid"]
     s.proc.send_signal(signal.SIGINT)
     assert s.proc.wait(5) == 0
-    wait_for(lambda: not pid_alive(engine), timeout=3, what="engine gone")
+    wait_for(lambda: not pid_alive(engine), timeout=5, what="engine gone")
     # An engine that dies on its own takes the API server down, with status 0 (vllm #48966).
     t = spawn().wait_ready()
     os.kill(t.info()["engine_pid"], signal.SIGKILL)

@@ -22,9 +22,41 @@ lines, and answers:
 
 Fault switches are read from ``STANDIN_*`` environment variables at start
 (see `Faults`); ``POST /_standin/faults`` sets the same names, lower-case,
-at run time. Markers inside a prompt act on that request only:
-``[[status=503]]``, ``[[hang]]``, ``[[slow=0.05]]``, ``[[midstream_error]]``,
-``[[stop]]`` / ``[[stop=K]]`` (the K-th token is EOS: finish_reason "stop").
+at run time:
+
+* ``STANDIN_START_DELAY=S``: "load the model" for S s before binding;
+* ``STANDIN_FAIL_START=1``: print an OOM traceback (ERROR lines) and exit 1 unbound;
+* ``STANDIN_EXIT_AFTER_REQUESTS=N`` / ``STANDIN_EXIT_AFTER_SECONDS=S`` with
+  ``STANDIN_EXIT_CODE=C`` (default 1): exit right after the N-th generation
+  response was sent / S s after binding; the engine child is stopped first;
+* ``STANDIN_HANG_AFTER_REQUESTS=N``: after N generation requests, block the
+  event loop for good (0: once bound); SIGTERM/SIGINT still end it;
+* ``STANDIN_FAIL_STATUS=code``, ``STANDIN_FAIL_COUNT=n`` (default unlimited),
+  ``STANDIN_FAIL_MATCH=substring``: generation requests answer an OpenAI error;
+* ``STANDIN_TOKEN_DELAY=S`` per token, ``STANDIN_PREFILL_DELAY=S`` before the first;
+* ``STANDIN_IGNORE_SIGTERM=1``: API server and engine ignore SIGTERM;
+* ``STANDIN_FORK_ENGINE=0``: no engine grandchild (default 1);
+* ``STANDIN_HEALTH_STATUS=503``: what ``/health`` answers.
+
+Other variables: ``STANDIN_SHARED_DIR`` (P2pNccl prefill markers; storage
+folder when the connector names none), ``STANDIN_KV_BLOCK_SIZE`` (prefills of
+shorter prompts return no params; default 0), ``STANDIN_ACCESS_LOG=0`` (no
+per-request line), ``STANDIN_RECORD_LIMIT`` (kept request records, 10000),
+``STANDIN_ENGINE_DEATH_EXIT_CODE`` (exit status when the engine child dies on
+its own, default 0 like vllm #48966); and vLLM's ``VLLM_HOST_IP``,
+``VLLM_NIXL_SIDE_CHANNEL_HOST``/``_PORT``, ``VLLM_MOONCAKE_BOOTSTRAP_PORT``,
+``TMPDIR`` (a ``vllm_dist_*`` folder is left there, as vLLM does).
+
+Markers inside a prompt act on that request only: ``[[status=503]]``,
+``[[hang]]`` (never answered, not even headers), ``[[slow=0.05]]`` (per-token
+delay), ``[[midstream_error]]`` (a stream is cut after up to 3 tokens; a plain
+request gets no answer), ``[[stop]]`` / ``[[stop=K]]`` (the K-th token is EOS:
+finish_reason "stop", and a prefill returns no ``kv_transfer_params``).
+
+SIGTERM/SIGINT: new requests get 503 and ``/health`` 503; with
+``--shutdown-timeout S`` in-flight requests may finish for S s; then (or at
+once without it) they end early with HTTP 200, finish_reason "abort" and fewer
+tokens; the engine child is stopped; exit 0. A second signal exits at once.
 
 The KV handshake follows the ``kv_connector`` (see disaggd.connectors):
 ``kv_transfer_params`` signed with an HMAC of the prompt (NIXL, Mooncake),
@@ -826,18 +858,28 @@ def fork_engine(model: str, ignore_sigterm: bool) -> int:
     """Fork the ``VLLM::EngineCore`` stand-in: it sleeps until killed.
 
     Same process group; no parent-death signal, so a SIGKILL of the API server
-    leaves it running (vllm #55510). Returns its pid.
+    leaves it running (vllm #55510). Returns its pid once the child has its
+    name and signal dispositions (a handshake over a pipe, as vLLM's front-end
+    waits for its engine).
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(ready_w)
+        with contextlib.suppress(OSError):
+            os.read(ready_r, 1)  # EOF if the child died first
+        os.close(ready_r)
         return pid
     code = 0
     try:
+        os.close(ready_r)
         signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_sigterm else signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         _set_comm("VLLM::EngineCore")
+        os.write(ready_w, b"1")
+        os.close(ready_w)
         proc = "EngineCore_DP0"
         log("INFO", "core.py:644", "Waiting for init message from front-end.", proc=proc)
         log(
@@ -1137,8 +1179,9 @@ class Standin:
     ) -> web.StreamResponse:
         rid = rid or uuid.uuid4().hex
         resp = _json_response(error_body(status, message, param), status, {"X-Request-Id": rid})
-        await resp.prepare(request)
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionError):  # the client left; aiohttp copes
+            await resp.prepare(request)
+            await resp.write_eof()
         return resp
 
     def _injected_status(self, gen: GenRequest) -> int | None:
@@ -1344,7 +1387,6 @@ class Standin:
                 "X-Request-Id": gen.rid,
             },
         )
-        await resp.prepare(request)
         rid = ("chatcmpl-" if gen.chat else "cmpl-") + gen.rid
         created = int(time.time())
         obj = "chat.completion.chunk" if gen.chat else "text_completion"
@@ -1383,6 +1425,7 @@ class Standin:
         delay = gen.slow if gen.slow is not None else self.faults.token_delay
         limit = min(ntok, 3) if gen.midstream_error else ntok
         try:
+            await resp.prepare(request)  # headers now, like uvicorn; tokens after the prefill
             await self._prefill(gen, verdict)
             if gen.chat:
                 # vLLM sends the role once the first output exists.
