@@ -1,0 +1,198 @@
+"""The daemon's Prometheus metrics, in one registry of its own.
+
+One `CollectorRegistry` per `Metrics` (not prometheus_client's global one), so
+that tests and several daemons in one process never share counters. `GET
+/metrics` on the proxy serves `Metrics.render()`.
+
+Every name starts with ``disaggd_``. Latencies are in seconds, as the client of
+the proxy sees them (TTFT counts the prefill leg; inter-token latency is the
+gap between stream chunks forwarded to the client).
+
+The proxy's metrics live here; the supervisor side adds its own (instance
+state, restarts) as attributes next to them, in `Metrics.__init__`, under the
+"supervisor" comment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: Decisions the proxy takes for a request (the ``decision`` label).
+DECISIONS = ("disaggregated", "decode_only", "fallback", "prefill_only", "none")
+
+#: Verdicts of the per-request KV check (the ``verdict`` label).
+KV_VERDICTS = ("moved", "recomputed", "short_prompt", "unknown")
+
+# Buckets (seconds) modelled on vLLM's own histograms (vllm/v1/metrics/loggers.py),
+# with finer steps at the low end where a proxy's overhead shows.
+TTFT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+    0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
+    15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0,
+)  # fmt: skip
+
+#: (instance, role, ready, outstanding) for each upstream, read at scrape time.
+UpstreamSource = Callable[[], Iterable[tuple[str, str, bool, int]]]
+
+
+class _UpstreamCollector(Collector):
+    """Per-instance gauges read from the router when scraped: zero cost per request."""
+
+    def __init__(self) -> None:
+        self.source: UpstreamSource | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily(
+            "disaggd_upstream_requests_in_flight",
+            "Requests the proxy has in flight on each instance.",
+            labels=["instance", "role"],
+        )
+        ready = GaugeMetricFamily(
+            "disaggd_upstream_ready",
+            "1 while the proxy routes to the instance (ready and not draining).",
+            labels=["instance", "role"],
+        )
+        if self.source is not None:
+            for name, role, is_ready, outstanding in self.source():
+                inflight.add_metric([name, role], outstanding)
+                ready.add_metric([name, role], 1.0 if is_ready else 0.0)
+        yield inflight
+        yield ready
+
+    def describe(self) -> Iterator[Metric]:
+        # Describing without collecting keeps registration free of the source.
+        return iter(())
+
+
+class Metrics:
+    """All metrics of one daemon.
+
+    Attributes:
+        registry: the registry `render` exposes.
+        requests: ``disaggd_requests_total{route,status,decision}``; ``status``
+            is the HTTP status the client got (499: the client went away first).
+        ttft: ``disaggd_time_to_first_token_seconds{route,decision}``, streaming
+            requests: request received to first stream chunk sent.
+        itl: ``disaggd_inter_token_latency_seconds{route}``, gaps between
+            stream chunks sent to the client (vLLM writes one SSE event per chunk).
+        e2e: ``disaggd_e2e_request_latency_seconds{route,decision}``, request
+            received to last byte sent.
+        prefill_latency: ``disaggd_prefill_latency_seconds{instance}``, one
+            prefill leg (successful or not).
+        upstream_errors: ``disaggd_upstream_errors_total{instance,kind}``; kinds:
+            ``connect``, ``timeout``, ``http_5xx``, ``http_4xx``, ``bad_response``,
+            ``stream_cut``.
+        retries: ``disaggd_retries_total{role}``, legs sent again to another instance.
+        kv_check: ``disaggd_kv_check_total{verdict}``, see `disaggd.proxy.kv_verdict`.
+        inflight: ``disaggd_requests_in_flight``, client requests being served.
+        upstream_in_flight / upstream_ready (``disaggd_upstream_requests_in_flight``,
+            ``disaggd_upstream_ready{instance,role}``): read from the router at scrape
+            time, once `bind_upstreams` gave a source.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "disaggd_requests",
+            "Client requests by route, HTTP status and routing decision.",
+            ["route", "status", "decision"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "disaggd_time_to_first_token_seconds",
+            "Streaming requests: time from request received to first chunk sent (s).",
+            ["route", "decision"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "disaggd_inter_token_latency_seconds",
+            "Gap between stream chunks sent to the client (s).",
+            ["route"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "disaggd_e2e_request_latency_seconds",
+            "Time from request received to last byte sent (s).",
+            ["route", "decision"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.prefill_latency = Histogram(
+            "disaggd_prefill_latency_seconds",
+            "Duration of one prefill leg (s).",
+            ["instance"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "disaggd_upstream_errors",
+            "Failed upstream legs by instance and kind.",
+            ["instance", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "disaggd_retries",
+            "Legs sent again to another instance after a failure, by role.",
+            ["role"],
+            registry=r,
+        )
+        self.kv_check = Counter(
+            "disaggd_kv_check",
+            "Disaggregated requests by whether the decode loaded the prompt's KV.",
+            ["verdict"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "disaggd_requests_in_flight",
+            "Client requests the proxy is serving now.",
+            registry=r,
+        )
+        self._upstreams = _UpstreamCollector()
+        r.register(self._upstreams)
+        # -- supervisor side ---------------------------------------------------------------
+        self.instance_state = Gauge(
+            "disaggd_instance_state",
+            "1 for the process state each instance is in, 0 for the others.",
+            ["instance", "role", "state"],
+            registry=r,
+        )
+        self._states: dict[str, str] = {}
+
+    def observe_instance(self, name: str, role: str, state: str) -> None:
+        """Record that instance `name` entered process `state` (disaggd.states names).
+
+        Every state an instance has been in stays exported (at 0), so a query
+        for ``state="FATAL"`` finds 0 rather than nothing.
+        """
+        previous = self._states.get(name)
+        if previous == state:
+            return
+        if previous is not None:
+            self.instance_state.labels(name, role, previous).set(0)
+        self.instance_state.labels(name, role, state).set(1)
+        self._states[name] = state
+
+    def bind_upstreams(self, source: UpstreamSource) -> None:
+        """Read per-instance in-flight counts and readiness from `source` when scraped."""
+        self._upstreams.source = source
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        return bytes(generate_latest(self.registry))
+
+    #: Content-Type of `render`'s output.
+    CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

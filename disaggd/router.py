@@ -1,0 +1,232 @@
+"""Which instance gets the next request: the routing table and its policies.
+
+The router is the proxy's view of the instances: for each one an `Upstream`
+with its address, whether it is ready (set by the supervisor the moment
+readiness changes), whether it is draining (a reload or shutdown is taking it
+out), and how many requests it holds right now. It does no I/O and never
+awaits, except `wait_idle`, which waits for an event that `release` sets.
+
+Policies, per role (``[proxy] prefill_policy`` / ``decode_policy``):
+
+* ``least_outstanding`` (default): the eligible upstream with the fewest
+  requests in flight; ties are broken round robin, so that an idle xPyD
+  deployment still spreads requests over every instance;
+* ``round_robin``: the next eligible upstream after the last one picked.
+
+Eligible means ready, not draining and not excluded by the caller (a retry
+excludes the instances that already failed this request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Literal
+
+from disaggd import connectors
+from disaggd.config import InstanceSection, Role, Topology
+
+Policy = Literal["least_outstanding", "round_robin"]
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One instance as the proxy sees it.
+
+    Attributes:
+        name: the instance name from the topology.
+        role: prefill or decode.
+        base_url: ``http://host:port`` of its OpenAI server.
+        kv_address: ``host:port`` of its KV endpoint (request-id handoff), or None.
+        ready: the supervisor (or health prober) says it answers requests.
+        draining: being taken out: never picked, requests in flight continue.
+        outstanding: requests this proxy has in flight on it right now.
+    """
+
+    name: str
+    role: Role
+    base_url: str
+    kv_address: str | None
+    ready: bool = False
+    draining: bool = False
+    outstanding: int = 0
+    # Waiters of `Router.wait_idle`, woken when `outstanding` drops to 0.
+    _idle_waiters: list[asyncio.Event] = field(default_factory=list, repr=False)
+    # Removed from the topology but still serving requests: forgotten once idle.
+    _retired: bool = field(default=False, repr=False)
+
+
+def _upstream_for(inst: InstanceSection) -> Upstream:
+    kv_addr = connectors.kv_address(inst) if inst.kv_port is not None else None
+    return Upstream(name=inst.name, role=inst.role, base_url=inst.base_url, kv_address=kv_addr)
+
+
+class Router:
+    """The routing table: upstreams by role, their state and the pick policies."""
+
+    def __init__(self, topo: Topology) -> None:
+        """One `Upstream` per instance of `topo` (spawned or remote), none ready."""
+        self._by_name: dict[str, Upstream] = {}
+        self._by_role: dict[Role, list[Upstream]] = {Role.PREFILL: [], Role.DECODE: []}
+        # Where the next scan starts, per role: round robin and tie breaking.
+        self._cursor: dict[Role, int] = {Role.PREFILL: 0, Role.DECODE: 0}
+        self._policy: dict[Role, Policy] = {
+            Role.PREFILL: "least_outstanding",
+            Role.DECODE: "least_outstanding",
+        }
+        for inst in topo.instances:
+            self._by_name[inst.name] = _upstream_for(inst)
+        self._apply_policies(topo)
+        self._reindex()
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def update_topology(self, topo: Topology) -> None:
+        """Apply a reloaded topology.
+
+        New instances are added (not ready). An instance whose address, role or
+        KV address changed becomes a new, not-ready upstream (requests in flight
+        on the old one finish against the old address). Instances no longer in
+        the topology are dropped, except a draining one that still has requests
+        in flight: it stays listed (never picked) until `release` brings it to 0.
+        Unchanged instances keep their state. Policies apply from the next pick.
+        """
+        wanted = {inst.name: inst for inst in topo.instances}
+        table: dict[str, Upstream] = {}
+        for name, inst in wanted.items():
+            fresh = _upstream_for(inst)
+            old = self._by_name.get(name)
+            if (
+                old is not None
+                and not old._retired
+                and (old.role, old.base_url, old.kv_address)
+                == (fresh.role, fresh.base_url, fresh.kv_address)
+            ):
+                table[name] = old
+            else:
+                table[name] = fresh
+        for name, old in self._by_name.items():
+            if name not in wanted and old.draining and old.outstanding > 0:
+                old._retired = True
+                table[name] = old
+        self._by_name = table
+        self._apply_policies(topo)
+        self._reindex()
+
+    def _apply_policies(self, topo: Topology) -> None:
+        self._policy[Role.PREFILL] = topo.proxy.prefill_policy
+        self._policy[Role.DECODE] = topo.proxy.decode_policy
+
+    def _reindex(self) -> None:
+        for role in Role:
+            ups = [u for u in self._by_name.values() if u.role is role]
+            self._by_role[role] = ups
+            if ups:
+                self._cursor[role] %= len(ups)
+            else:
+                self._cursor[role] = 0
+
+    # -- state changes (supervisor, reload) -----------------------------------------------------
+
+    def set_ready(self, name: str, ready: bool) -> None:
+        """Mark an instance ready or not; unknown names are ignored (a stale callback)."""
+        up = self._by_name.get(name)
+        if up is not None:
+            up.ready = ready
+
+    def set_draining(self, name: str, draining: bool) -> None:
+        """Take an instance out of (or back into) rotation; requests in flight continue."""
+        up = self._by_name.get(name)
+        if up is not None:
+            up.draining = draining
+
+    # -- the request path ------------------------------------------------------------------------
+
+    def pick(self, role: Role, exclude: Collection[str] = ()) -> Upstream | None:
+        """The upstream of `role` that gets the next request, or None if none is eligible.
+
+        Eligible: ready, not draining, name not in `exclude`. The caller should
+        `acquire` the result before its first await, so that concurrent picks see it.
+        """
+        ups = self._by_role[role]
+        n = len(ups)
+        if n == 0:
+            return None
+        start = self._cursor[role]
+        least = self._policy[role] == "least_outstanding"
+        best: Upstream | None = None
+        best_idx = 0
+        for k in range(n):
+            idx = start + k
+            if idx >= n:
+                idx -= n
+            up = ups[idx]
+            if not up.ready or up.draining or (exclude and up.name in exclude):
+                continue
+            if best is None or (least and up.outstanding < best.outstanding):
+                best = up
+                best_idx = idx
+                if not least or up.outstanding == 0:
+                    break  # nothing can beat it; the scan order already did the tie breaking
+        if best is not None:
+            self._cursor[role] = best_idx + 1 if best_idx + 1 < n else 0
+        return best
+
+    def acquire(self, up: Upstream) -> None:
+        """Count one more request in flight on `up`."""
+        up.outstanding += 1
+
+    def release(self, up: Upstream) -> None:
+        """Count one request less on `up`; wakes `wait_idle` waiters when it reaches 0."""
+        up.outstanding -= 1
+        if up.outstanding <= 0:
+            up.outstanding = 0
+            if up._idle_waiters:
+                for ev in up._idle_waiters:
+                    ev.set()
+                up._idle_waiters.clear()
+            if up._retired and self._by_name.get(up.name) is up:
+                del self._by_name[up.name]
+                self._reindex()
+
+    def ready_count(self, role: Role) -> int:
+        """Upstreams of `role` that can be picked now (ready and not draining)."""
+        return sum(1 for u in self._by_role[role] if u.ready and not u.draining)
+
+    def upstreams(self) -> list[Upstream]:
+        """Every upstream, in topology order (retired ones last)."""
+        return list(self._by_name.values())
+
+    def get(self, name: str) -> Upstream | None:
+        """The upstream called `name`, or None."""
+        return self._by_name.get(name)
+
+    async def wait_idle(self, name: str, timeout: float) -> bool:
+        """Wait until upstream `name` has no request in flight.
+
+        Args:
+            name: the instance.
+            timeout: seconds to wait at most.
+
+        Returns:
+            True once it is idle (or unknown: nothing can be in flight on it),
+            False if `timeout` passed first.
+        """
+        up = self._by_name.get(name)
+        deadline = time.monotonic() + timeout
+        while up is not None and up.outstanding > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ev = asyncio.Event()
+            up._idle_waiters.append(ev)
+            try:
+                await asyncio.wait_for(ev.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+            finally:
+                if ev in up._idle_waiters:
+                    up._idle_waiters.remove(ev)
+        return True
