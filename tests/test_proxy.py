@@ -10,11 +10,16 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
 
-from tests.helpers import standin_topology
+from disaggd.config import parse_config
+from tests.helpers import free_port, standin_topology
 from tests.proxy_harness import MODEL, Cluster, serve_proxy, sse_events
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words
@@ -511,3 +516,163 @@ async def test_serve_reports_address_in_use(cluster: Cluster) -> None:
         with pytest.raises(OSError):
             await other.serve(never)
         await other.aclose()
+
+
+async def test_settings_apply_at_once(cluster: Cluster) -> None:
+    topo = cluster.topology()
+    slow = {"model": MODEL, "prompt": "slow [[slow=0.1]] " + PROMPT, "max_tokens": 10}
+    async with (
+        serve_proxy(topo, ready={"prefill-0", "decode-0"}) as px,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.post(px.base + "/v1/completions", json=slow) as r:
+            assert r.status == 200
+        px.proxy.update_settings(cluster.topology(request_timeout=0.3, retry_after=9))
+        async with s.post(px.base + "/v1/completions", json=slow) as r:
+            assert r.status == 504
+        px.router.set_ready("decode-0", False)
+        async with s.post(px.base + "/v1/completions", json=slow) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "9"
+
+
+async def test_stream_metrics_and_inflight_gauge(cluster: Cluster) -> None:
+    topo = cluster.topology()
+    body = {
+        "model": MODEL,
+        "prompt": "slow [[slow=0.02]] " + PROMPT,
+        "max_tokens": 8,
+        "stream": True,
+    }
+    async with (
+        serve_proxy(topo, ready={"prefill-0", "decode-1"}) as px,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.post(px.base + "/v1/completions", json=body) as r:
+            await r.content.readany()
+            assert px.metric("disaggd_upstream_requests_in_flight", instance="decode-1") == 1
+            assert px.metric("disaggd_requests_in_flight") == 1
+            await r.read()
+        assert px.metric("disaggd_upstream_requests_in_flight", instance="decode-1") == 0
+        assert px.metric("disaggd_time_to_first_token_seconds_count", decision="disaggregated") == 1
+        assert px.metric("disaggd_inter_token_latency_seconds_count") >= 3
+        assert px.metric("disaggd_e2e_request_latency_seconds_count") == 1
+        assert px.metric("disaggd_prefill_latency_seconds_count", instance="prefill-0") == 1
+        assert px.metric("disaggd_upstream_ready", instance="decode-1") == 1
+        assert px.metric("disaggd_upstream_ready", instance="decode-0") == 0
+
+
+# -- the KV check, against a fake engine that reports cached tokens -------------------------------
+
+
+class _FakeEngine:
+    """Answers as vLLM with ``--enable-prompt-tokens-details`` would: prefill legs get
+    kv_transfer_params back, decode legs report `cached` prompt tokens."""
+
+    def __init__(self, cached: int | None, prompt_tokens: int = 100) -> None:
+        self.cached = cached
+        self.prompt_tokens = prompt_tokens
+        self.runner: Any = None
+
+    def usage(self) -> dict[str, Any]:
+        u: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": 2,
+            "total_tokens": self.prompt_tokens + 2,
+        }
+        if self.cached is not None:
+            u["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        return u
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        params = body.get("kv_transfer_params") or {}
+        head = {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": MODEL}
+        if params.get("do_remote_decode"):
+            return web.json_response(
+                {
+                    **head,
+                    "choices": [{"index": 0, "text": "a", "finish_reason": "length"}],
+                    "usage": self.usage(),
+                    "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [1]},
+                }
+            )
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    **head,
+                    "choices": [{"index": 0, "text": "ab", "finish_reason": "length"}],
+                    "usage": self.usage(),
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("a", "b"):
+            chunk = {**head, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        opts = body.get("stream_options") or {}
+        if opts.get("include_usage"):
+            last = {**head, "choices": [], "usage": self.usage()}
+            await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def start(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+
+
+@pytest.mark.parametrize(
+    ("cached", "stream", "verdict"),
+    [
+        (96, False, "moved"),
+        (90, True, "moved"),
+        (10, False, "recomputed"),
+        (0, True, "recomputed"),
+        (None, False, "unknown"),
+    ],
+)
+async def test_kv_check_verdicts_and_log_lines(
+    tmp_path: Path, cached: int | None, stream: bool, verdict: str
+) -> None:
+    pp, dp = free_port(), free_port()
+    doc = standin_topology(tmp_path)
+    doc["instance"] = [
+        {"name": "p", "role": "prefill", "url": f"http://127.0.0.1:{pp}", "kv_port": free_port()},
+        {"name": "d", "role": "decode", "url": f"http://127.0.0.1:{dp}", "kv_port": free_port()},
+    ]
+    topo = parse_config(doc)
+    engines = [_FakeEngine(cached), _FakeEngine(cached)]
+    await engines[0].start(pp)
+    await engines[1].start(dp)
+    body: dict[str, Any] = {"model": MODEL, "prompt": "x " * 100, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    try:
+        with capture_logs() as logs:
+            async with serve_proxy(topo) as px, aiohttp.ClientSession() as s:
+                async with s.post(
+                    px.base + "/v1/completions", json=body, headers={"X-Request-Id": "kv-1"}
+                ) as r:
+                    assert r.status == 200
+                    await r.read()
+                assert px.metric("disaggd_kv_check_total", verdict=verdict) == 1
+    finally:
+        for e in engines:
+            await e.runner.cleanup()
+    (done,) = [e for e in logs if e["event"] == "request_done"]
+    assert done["request_id"] == "kv-1" and done["kv"] == verdict
+    assert done["route"] == "/v1/completions" and done["decision"] == "disaggregated"
+    assert done["prefill"] == "p" and done["decode"] == "d" and done["status"] == 200
+    assert done["prompt_tokens"] == 100 and done["e2e_ms"] > 0
+    assert (done["ttft_ms"] is not None) is stream
+    warnings = [e for e in logs if e["event"] == "kv_recomputed"]
+    if verdict == "recomputed":
+        (w,) = warnings
+        assert w["log_level"] == "warning" and w["request_id"] == "kv-1"
+        assert w["prompt_tokens"] == 100 and w["cached_tokens"] == cached
+    else:
+        assert warnings == []
