@@ -882,11 +882,12 @@ class Proxy:
             if size > limit:
                 raise _too_large(st.s)
             if not msg.get("more_body", False):
-                if not parts:
-                    return chunk  # the usual case: one message, no copy
+                if chunk:
+                    parts.append(chunk)
+                # Hypercorn ends a body with an empty message: one part is the usual case.
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if chunk:
                 parts.append(chunk)
-                return b"".join(parts)
-            parts.append(chunk)
 
     async def _watch_disconnect(self, receive: Receive, task: asyncio.Task[Any], st: _Req) -> None:
         """Cancel the request's task when its client goes away (Hypercorn only tells `receive`)."""

@@ -53,9 +53,9 @@ class Upstream:
     draining: bool = False
     outstanding: int = 0
     # Waiters of `Router.wait_idle`, woken when `outstanding` drops to 0.
-    _idle_waiters: list[asyncio.Event] = field(default_factory=list, repr=False)
+    _idle_waiters: list[asyncio.Event] = field(default_factory=list, repr=False, init=False)
     # Removed from the topology but still serving requests: forgotten once idle.
-    _retired: bool = field(default=False, repr=False)
+    _retired: bool = field(default=False, repr=False, init=False)
 
 
 def _upstream_for(inst: InstanceSection) -> Upstream:
