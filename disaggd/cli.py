@@ -197,8 +197,6 @@ def _cmd_control(args: argparse.Namespace) -> int:
     from disaggd.control import ControlUnavailable, request, resolve_socket
 
     socket_path = resolve_socket(args.socket, args.config or _default_config())
-    if isinstance(socket_path, int):
-        return socket_path
     payload: dict[str, Any] = {"command": args.command}
     if args.command == "restart":
         payload["name"] = args.name

@@ -145,19 +145,27 @@ async def _answers(path: Path) -> bool:
 # -- the client -------------------------------------------------------------------------------
 
 
-def resolve_socket(explicit: Path | None, config_path: Path) -> Path | int:
+def resolve_socket(explicit: Path | None, config_path: Path) -> Path:
     """The socket a CLI command talks to: ``--socket``, else the topology's.
 
-    Returns EX_CONFIG (after printing the problems) when the topology is invalid.
+    The topology is read leniently: `disaggd reload` of a file that does not
+    validate must still reach the daemon, which then reports every problem and
+    keeps running as it was. Only ``[daemon].control_socket`` is looked at; when
+    the file cannot be parsed at all, the default socket is used.
     """
     if explicit is not None:
         return explicit
-    from disaggd.cli import _load
+    from disaggd._compat import tomllib
+    from disaggd.config import DaemonSection
 
-    topo = _load(config_path)
-    if isinstance(topo, int):
-        return topo
-    return topo.daemon.control_socket
+    default = DaemonSection.model_fields["control_socket"].default
+    try:
+        data = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        raw = data.get("daemon", {}).get("control_socket", default)
+    except (OSError, ValueError, AttributeError):
+        return Path(default)
+    path = Path(str(raw)).expanduser()
+    return path if path.is_absolute() else (Path(config_path).parent / path).resolve()
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class NotifySocket:
 
     def poll(self) -> list[dict[str, str]]:
         """Read every datagram that arrived; returns all messages so far."""
-        while True:
+        while self.sock.fileno() != -1:
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
@@ -93,7 +93,8 @@ class DaemonProcess:
         return self
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -107,8 +108,8 @@ class DaemonProcess:
         )
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """`disaggd status --json`, by instance name."""
-        proc = self.cli("status", "--json")
+        """`disaggd status --json`, by instance name (socket given: the file may be bad)."""
+        proc = self.cli("status", "--json", "--socket", self.socket_path)
         assert proc.returncode == 0, proc.stderr
         return {row["name"]: row for row in json.loads(proc.stdout)["instances"]}
 
@@ -135,15 +136,19 @@ class DaemonProcess:
                 rc = self.proc.wait(10)
         elif self.proc is not None:
             rc = self.proc.returncode
+        self.notify.poll()  # keep what systemd would have received, up to the end
+        return rc
+
+    def close(self) -> None:
+        self.stop()
         self._log.close()
         self.notify.close()
-        return rc
 
     def __enter__(self) -> DaemonProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -334,7 +334,7 @@ def test_kill_9_of_the_daemon_leaves_nothing(tmp_path: Path) -> None:
         d.wait(10)
         assert all_gone(pids, timeout=10), "children or grandchildren survived kill -9"
     finally:
-        d.stop()
+        d.close()
 
 
 def test_proxy_port_in_use_fails_fast(tmp_path: Path) -> None:
