@@ -4,15 +4,20 @@ Dependency-free on purpose: the supervisor, the status command and the tests
 all speak in these names (supervisord's), and the one table below is the only
 place that says which change is legal.
 
-::
+The life of a spawned instance::
 
-    STOPPED ──► STARTING ──► RUNNING ──► EXITED ──► BACKOFF ──► STARTING ...
-                  │  ▲          │  │       │  │        │
-                  │  └──────────┘  │       │  └► FATAL  └► STOPPED
-                  │  (remote only) ▼       └► STOPPED
-                  ├──────────────► STOPPING ──► STOPPED | BACKOFF | FATAL
-                  ├► BACKOFF
-                  └► FATAL ──► STARTING (operator restart / reload)
+    STOPPED -> STARTING -> RUNNING                      spawned, then GET /health 200
+    RUNNING -> EXITED -> BACKOFF -> STARTING            exited unasked (any status)
+    STARTING -> BACKOFF -> STARTING                     exited while starting
+    STARTING | RUNNING -> STOPPING -> BACKOFF           start timeout | failed probes
+    ... -> FATAL                                        too many failures in a row,
+                                                        or cannot be spawned (port in use)
+    FATAL -> STARTING                                   operator restart or reload
+    STARTING | RUNNING -> STOPPING -> STOPPED           stop requested
+    BACKOFF | EXITED -> STOPPED                         stop requested meanwhile
+
+A remote instance (``url``) only ever goes STARTING <-> RUNNING, and to
+STOPPING -> STOPPED when the supervisor stops.
 """
 
 from __future__ import annotations

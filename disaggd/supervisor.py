@@ -852,6 +852,10 @@ class Supervisor:
             if end.kind is _Ending.FATAL:
                 self._fatal(rec, end.reason)
                 return
+            if not rec.group_gone:
+                # Never start a second engine next to one that still holds the GPU.
+                self._fatal(rec, f"{end.reason}; its old process group survived SIGKILL")
+                return
             rec.failures += 1
             if rec.failures >= sup.max_failures:
                 self._fatal(rec, f"{end.reason}; {rec.failures} failures in a row")

@@ -437,6 +437,34 @@ async def test_child_ignoring_sigterm_is_killed_at_the_grace_deadline(tmp_path: 
     print(f"SIGTERM-ignoring child gone {took:.2f}s after shutdown (grace {grace}s)")
 
 
+async def test_a_group_that_survives_sigkill_is_fatal_not_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stuck in the kernel (D state) cannot be simulated unprivileged: pretend."""
+    import disaggd.supervisor as mod
+
+    topo = make_topo(tmp_path, supervisor={"stop_grace": 0.5})
+    with capture_logs() as logs:
+        async with Supervisor(topo) as sup:
+            await sup.start_all()
+            assert await sup.wait_ready(timeout=20)
+            stuck = sup.status("decode-0").pid
+            assert stuck is not None
+            real = mod.group_exists
+            monkeypatch.setattr(mod, "group_exists", lambda pgid: pgid == stuck or real(pgid))
+            monkeypatch.setattr(mod, "KILL_WAIT", 0.3)
+            os.kill(stuck, signal.SIGKILL)
+            await wait_state(sup, "decode-0", S.FATAL)
+            assert sup.status("prefill-0").ready
+            assert await sup.shutdown() is False  # not everything could be confirmed gone
+    fatal = events(logs, "child_fatal", "decode-0")
+    assert fatal and fatal[0]["reason"] == (
+        "killed by SIGKILL; its old process group survived SIGKILL"
+    )
+    assert events(logs, "child_group_stuck", "decode-0")
+    assert len(events(logs, "child_spawned", "decode-0")) == 1
+
+
 # -- ports and files ---------------------------------------------------------------------------
 
 
