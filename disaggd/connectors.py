@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -98,28 +98,29 @@ class ConnectorSpec:
 _ALL_ROLES = frozenset({KV_PRODUCER, KV_CONSUMER, KV_BOTH})
 _PD_ROLES = frozenset({KV_PRODUCER, KV_CONSUMER})
 
-_NIXL = {
-    "handoff": Handoff.KV_TRANSFER_PARAMS,
+_NIXL = ConnectorSpec(
+    "NixlConnector",
+    Handoff.KV_TRANSFER_PARAMS,
     # kv_both works but is deprecated for NIXL: the proxy decides who prefills.
-    "roles": _ALL_ROLES,
-    "port_kind": "NIXL side-channel port",
-    "default_port_base": 5600,
-    "port_env": "VLLM_NIXL_SIDE_CHANNEL_PORT",
+    _ALL_ROLES,
+    port_kind="NIXL side-channel port",
+    default_port_base=5600,
+    port_env="VLLM_NIXL_SIDE_CHANNEL_PORT",
     # Data-parallel ranks listen on base + rank.
-    "width_flag": ("--data-parallel-size", "-dp"),
-    "stable_engine_id": True,
-}
+    width_flag=("--data-parallel-size", "-dp"),
+    stable_engine_id=True,
+)
 
-_STORAGE = {"handoff": Handoff.STORAGE, "roles": _ALL_ROLES}
+_STORAGE = ConnectorSpec("ExampleConnector", Handoff.STORAGE, _ALL_ROLES)
 
 _NOT_PD = "it keeps KV inside one instance (offloading) and does not move it from prefill to decode"
 
 _SPECS: dict[str, ConnectorSpec] = {
     spec.name: spec
     for spec in (
-        ConnectorSpec("NixlConnector", **_NIXL),  # type: ignore[arg-type]
-        ConnectorSpec("NixlPullConnector", **_NIXL),  # type: ignore[arg-type]
-        ConnectorSpec("NixlPushConnector", **_NIXL),  # type: ignore[arg-type]
+        _NIXL,
+        replace(_NIXL, name="NixlPullConnector"),
+        replace(_NIXL, name="NixlPushConnector"),
         ConnectorSpec(
             "MooncakeConnector",
             Handoff.KV_TRANSFER_PARAMS,
@@ -142,14 +143,12 @@ _SPECS: dict[str, ConnectorSpec] = {
             # P2pNccl then never finds its peer (vllm #42839, PR #34415).
             extra_env={"VLLM_DISABLE_REQUEST_ID_RANDOMIZATION": "1"},
         ),
-        ConnectorSpec("ExampleConnector", required_extra=("shared_storage_path",), **_STORAGE),  # type: ignore[arg-type]
-        ConnectorSpec(
-            "SharedStorageConnector", required_extra=("shared_storage_path",), **_STORAGE
-        ),  # type: ignore[arg-type]
-        ConnectorSpec("LMCacheConnectorV1", **_STORAGE),  # type: ignore[arg-type]
-        ConnectorSpec("LMCacheMPConnector", **_STORAGE),  # type: ignore[arg-type]
-        ConnectorSpec("MooncakeStoreConnector", **_STORAGE),  # type: ignore[arg-type]
-        ConnectorSpec("MultiConnector", **_STORAGE),  # type: ignore[arg-type]
+        replace(_STORAGE, required_extra=("shared_storage_path",)),
+        replace(_STORAGE, name="SharedStorageConnector", required_extra=("shared_storage_path",)),
+        replace(_STORAGE, name="LMCacheConnectorV1"),
+        replace(_STORAGE, name="LMCacheMPConnector"),
+        replace(_STORAGE, name="MooncakeStoreConnector"),
+        replace(_STORAGE, name="MultiConnector"),
         ConnectorSpec("OffloadingConnector", Handoff.STORAGE, frozenset(), note=_NOT_PD),
         ConnectorSpec("SimpleCPUOffloadConnector", Handoff.STORAGE, frozenset(), note=_NOT_PD),
         ConnectorSpec(

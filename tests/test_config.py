@@ -138,7 +138,8 @@ def test_p2p_ports_span_tensor_parallel_ranks(tmp_path: Path) -> None:
     doc["instance"][1].update(kv_port=14580)
     lines = problems_of(doc, tmp_path)
     assert any(
-        "instance[1].kv_port: port 14580 (P2pNccl KV port)" in line and "instance[0].kv_port" in line
+        "instance[1].kv_port: port 14580 (P2pNccl KV port)" in line
+        and "instance[0].kv_port" in line
         for line in lines
     )
 
@@ -166,7 +167,9 @@ def test_connector_role_mismatch(tmp_path: Path) -> None:
 
 def test_unknown_connector_and_custom(tmp_path: Path) -> None:
     lines = problems_of(minimal(kv_transfer={"connector": "NixlConector"}), tmp_path)
-    assert any("unknown connector 'NixlConector'. Did you mean 'NixlConnector'?" in x for x in lines)
+    assert any(
+        "unknown connector 'NixlConector'. Did you mean 'NixlConnector'?" in x for x in lines
+    )
     topo = parse_config(
         minimal(
             kv_transfer={
@@ -183,7 +186,9 @@ def test_unknown_connector_and_custom(tmp_path: Path) -> None:
 
 def test_example_connector_needs_its_storage_path(tmp_path: Path) -> None:
     lines = problems_of(minimal(kv_transfer={"connector": "ExampleConnector"}), tmp_path)
-    assert any("kv_transfer.extra_config.shared_storage_path: ExampleConnector needs" in x for x in lines)
+    assert any(
+        "kv_transfer.extra_config.shared_storage_path: ExampleConnector needs" in x for x in lines
+    )
 
 
 def test_remote_instance_is_not_spawned(tmp_path: Path) -> None:
@@ -195,7 +200,9 @@ def test_remote_instance_is_not_spawned(tmp_path: Path) -> None:
     assert [s.name for s in all_child_specs(topo)] == ["p0", "d0"]
     doc["instance"][-1]["gpus"] = [3]
     lines = problems_of(doc, tmp_path)
-    assert any("instance[2]: a remote instance ('url') is not spawned: remove gpus" in x for x in lines)
+    assert any(
+        "instance[2]: a remote instance ('url') is not spawned: remove gpus" in x for x in lines
+    )
     del doc["instance"][-1]["url"], doc["instance"][-1]["gpus"]
     lines = problems_of(doc, tmp_path)
     assert any("instance[2]: a spawned instance needs 'port'" in x for x in lines)
@@ -247,12 +254,17 @@ def seed_kv(role: str) -> dict[str, Any]:
     }
 
 
-def test_check_of_the_production_example_matches_the_seed(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_of_the_production_example_matches_the_seed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["check", "-c", str(ROOT / "etc" / "disaggd.toml"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in doc["instances"]}
     assert list(rows) == ["prefill-0", "decode-0"]
-    for name, role, port, gpu in (("prefill-0", "prefill", 8100, "0"), ("decode-0", "decode", 8200, "1")):
+    for name, role, port, gpu in (
+        ("prefill-0", "prefill", 8100, "0"),
+        ("decode-0", "decode", 8200, "1"),
+    ):
         argv = rows[name]["argv"]
         env = rows[name]["env"]
         assert argv[:3] == ["vllm", "serve", "meta-llama/Meta-Llama-3.1-8B-Instruct"]
