@@ -219,11 +219,19 @@ def _cmd_control(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny_model(args: argparse.Namespace) -> int:
+    from disaggd.tinymodel import build_tiny_model
+
     try:
-        from disaggd.tinymodel import build_tiny_model
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        print(f"disaggd: build-tiny-model needs disaggd[cpu]: {exc}", file=sys.stderr)
+        path = build_tiny_model(args.out, seed=args.seed, force=args.force)
+    except ModuleNotFoundError as exc:
+        print(
+            f"disaggd: build-tiny-model needs torch, transformers and tokenizers "
+            f"(pip install 'disaggd[cpu]'): {exc}",
+            file=sys.stderr,
+        )
         return EX_FAILURE
-    path = build_tiny_model(args.out, seed=args.seed, force=args.force)
+    except FileExistsError as exc:
+        print(f"disaggd: {exc} (use --force to rebuild)", file=sys.stderr)
+        return EX_FAILURE
     print(path)
     return EX_OK

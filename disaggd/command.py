@@ -16,6 +16,8 @@ from pathlib import Path
 from disaggd import connectors
 from disaggd.config import InstanceSection, Topology
 
+_DETAILS_FLAG = "--enable-prompt-tokens-details"
+
 
 @dataclass(frozen=True)
 class ChildSpec:
@@ -82,6 +84,13 @@ def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
     if topo.model.served_model_name:
         argv += ["--served-model-name", topo.model.served_model_name]
     argv += [connectors.expand(a, values) for a in topo.model.args]
+    if (
+        topo.kv_transfer.check
+        and inst.role.value == "decode"
+        and _DETAILS_FLAG not in (*topo.model.args, *inst.args)
+    ):
+        # The proxy's KV check reads usage.prompt_tokens_details.cached_tokens.
+        argv.append(_DETAILS_FLAG)
     kv_cfg = connectors.kv_transfer_config(topo, inst, values)
     argv += ["--kv-transfer-config", json.dumps(kv_cfg, separators=(",", ":"))]
     argv += [connectors.expand(a, values) for a in inst.args]

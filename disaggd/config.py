@@ -38,7 +38,6 @@ from pydantic import (
 from disaggd import connectors
 from disaggd._compat import tomllib
 
-
 #: Where `disaggd run` looks for its topology when ``-c`` is not given.
 DEFAULT_CONFIG_PATH = Path("/etc/disaggd/disaggd.toml")
 
@@ -69,7 +68,11 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 class ModelSection(_Section):
     """``[model]``: what every instance serves."""
 
-    name: str = Field(min_length=1, description="Model path or hub name, e.g. meta-llama/...")
+    name: str = Field(
+        min_length=1,
+        description="Hub name (meta-llama/...) or local folder; a path starting with ./ or "
+        "../ is relative to the topology file.",
+    )
     served_model_name: str | None = Field(
         default=None, description="Name clients use in `model`; defaults to `name`."
     )
@@ -128,6 +131,13 @@ class KVTransferSection(_Section):
     load_failure_policy: Literal["fail", "recompute"] | None = None
     extra_config: Mapping[str, Any] = Field(
         default_factory=dict, description="kv_connector_extra_config, passed through."
+    )
+    check: bool = Field(
+        default=True,
+        description="Per-request proof that the decode loaded the prompt's KV instead of "
+        "recomputing it: decode instances run with --enable-prompt-tokens-details and the "
+        "proxy reads their cached-token count (clients then see the decode's count, not "
+        "the prefill's remote_prefill_cached_tokens).",
     )
     block_size: int = Field(
         default=16,
@@ -505,13 +515,17 @@ def _resolve(topo: Topology, base: Path) -> Topology:
             instances[idx] = inst.model_copy(update={"kv_port": next_port})
             taken.update(range(next_port, next_port + width))
             next_port += width
+    model = topo.model
+    if model.name.startswith(("./", "../")):
+        # An explicit relative path is a local model folder next to the topology file.
+        model = model.model_copy(update={"name": str((base / model.name).resolve())})
     daemon = topo.daemon.model_copy(
         update={
             "state_dir": _anchor(topo.daemon.state_dir, base),
             "control_socket": _anchor(topo.daemon.control_socket, base),
         }
     )
-    return topo.model_copy(update={"instances": tuple(instances), "daemon": daemon})
+    return topo.model_copy(update={"instances": tuple(instances), "daemon": daemon, "model": model})
 
 
 def _anchor(p: Path, base: Path) -> Path:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 CUSTOM = "<custom>"
 
+#: Read by disaggd.vllm_plugin inside vLLM processes (microseconds).
+NIXL_PROGRESS_DELAY_ENV = "DISAGGD_NIXL_PROGRESS_DELAY_US"
+
 KV_PRODUCER = "kv_producer"
 KV_CONSUMER = "kv_consumer"
 KV_BOTH = "kv_both"
@@ -294,6 +297,11 @@ def connector_env(topo: Topology, inst: InstanceSection) -> dict[str, str]:
         env[spec.port_env] = str(inst.kv_port)
     if spec.name.startswith("Nixl"):
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = inst.advertised_kv_host
+        if topo.kv_transfer.buffer_device == "cpu":
+            # nixl 1.5 starts its progress thread with pthrDelay=0: it busy-polls a whole
+            # core per instance while idle. disaggd's vLLM plugin (disaggd.vllm_plugin)
+            # raises the delay when this is set; transfers still wake the thread at once.
+            env[NIXL_PROGRESS_DELAY_ENV] = "1000"
     return env
 
 

@@ -464,6 +464,7 @@ class _Settings:
 
     proxy: ProxySection
     handoff: Handoff
+    kv_check: bool
     block_size: int
     public_model: str
     root_model: str
@@ -486,6 +487,7 @@ class _Settings:
         return cls(
             proxy=p,
             handoff=topo.connector.handoff,
+            kv_check=topo.kv_transfer.check,
             block_size=topo.kv_transfer.block_size,
             public_model=topo.model.public_name,
             root_model=topo.model.name,
@@ -956,6 +958,15 @@ class Proxy:
                         params = result.get("kv_transfer_params")
                         if isinstance(params, dict):
                             kv_params = params
+                            if s.kv_check and "remote_prefill_cached_tokens" in params:
+                                # With it the decode reports the prefill's cache hits as
+                                # its own cached tokens (vllm v1/engine/output_processor.py);
+                                # the KV check needs the decode's own count.
+                                kv_params = {
+                                    k: v
+                                    for k, v in params.items()
+                                    if k != "remote_prefill_cached_tokens"
+                                }
                         else:
                             # Stopped early, or too short for one full block: nothing to
                             # load, the decode computes the prompt itself.
@@ -1281,7 +1292,7 @@ class Proxy:
     def _kv_check(self, st: _Req, usage: dict[str, Any] | None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):
             st.prompt_tokens = usage["prompt_tokens"]
-        if st.decision != "disaggregated":
+        if st.decision != "disaggregated" or not st.s.kv_check:
             return
         block = st.s.block_size
         verdict, prompt_tokens, cached = kv_verdict(usage, block)

@@ -381,3 +381,30 @@ def test_version() -> None:
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("disaggd ")
+
+
+def test_kv_check_asks_decodes_for_their_cached_tokens() -> None:
+    topo = parse_config(minimal())
+    p0, d0 = (build_child_spec(topo, i) for i in topo.instances)
+    assert "--enable-prompt-tokens-details" in d0.argv
+    assert "--enable-prompt-tokens-details" not in p0.argv
+    topo = parse_config(minimal(kv_transfer={"connector": "NixlConnector", "check": False}))
+    assert "--enable-prompt-tokens-details" not in build_child_spec(topo, topo.instances[1]).argv
+
+
+def test_nixl_on_cpu_tames_the_progress_thread() -> None:
+    topo = parse_config(minimal(kv_transfer={"connector": "NixlConnector", "buffer_device": "cpu"}))
+    assert all(s.env[connectors.NIXL_PROGRESS_DELAY_ENV] == "1000" for s in all_child_specs(topo))
+    topo = parse_config(minimal())
+    assert all(connectors.NIXL_PROGRESS_DELAY_ENV not in s.env for s in all_child_specs(topo))
+
+
+def test_relative_model_path_is_anchored_at_the_file(tmp_path: Path) -> None:
+    doc = minimal(model={"name": "../models/tiny"})
+    path = tmp_path / "etc" / "t.toml"
+    path.parent.mkdir()
+    path.write_text(dump_toml(doc))
+    assert load_config(path).model.name == str(tmp_path / "models" / "tiny")
+    doc = minimal(model={"name": "org/model"})
+    path.write_text(dump_toml(doc))
+    assert load_config(path).model.name == "org/model"

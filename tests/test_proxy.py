@@ -87,6 +87,8 @@ async def test_1p1d_returns_decode_output_and_kv_moves(
         )
 
     def norm(b: bytes) -> bytes:
+        # The direct call loads no KV: only its cached-token count differs.
+        b = re.sub(rb'"cached_tokens":\d+', b'"cached_tokens":0', b)
         return re.sub(rb'"created":\d+', b'"created":0', b)
 
     if stream:
@@ -113,8 +115,11 @@ async def test_1p1d_returns_decode_output_and_kv_moves(
     db = dict(dec_rec["body"])
     params = db.pop("kv_transfer_params")
     assert params["do_remote_prefill"] is True
+    # ... less the prefill's cache count, so the decode reports its own (the KV check).
+    assert "remote_prefill_cached_tokens" not in params
     assert db == body
     assert dec_rec["verdict"] == "hit"
+    assert px.metric("disaggd_kv_check_total", verdict="moved") == 1.0
     # One id on both legs: the client's.
     assert pre["request_id"] == dec_rec["request_id"] == "abc-123"
 

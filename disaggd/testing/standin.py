@@ -587,6 +587,8 @@ class KVSide:
             "remote_port": self.side_port,
             "remote_request_id": gen.rid,
             "tp_size": 1,
+            # vLLM >= 0.30: the prefill's own cache hits, for the decode to report.
+            "remote_prefill_cached_tokens": 0,
             "standin_sig": _sign(self.engine_id, gen.text),
         }
 
@@ -1302,13 +1304,19 @@ class Standin:
             (pi * gen.n + j, _seed(p)) for pi, p in enumerate(gen.prompts) for j in range(gen.n)
         ]
 
-    def _usage(self, gen: GenRequest, produced: int) -> dict[str, int]:
+    def _usage(self, gen: GenRequest, produced: int, verdict: str) -> dict[str, Any]:
         completion = produced * gen.n * len(gen.prompts)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": gen.prompt_tokens,
             "total_tokens": gen.prompt_tokens + completion,
             "completion_tokens": completion,
+            "prompt_tokens_details": None,
         }
+        if "--enable-prompt-tokens-details" in self.args.ignored:
+            # Like vLLM: tokens not computed here (local prefix cache + external KV).
+            cached = gen.prompt_tokens if verdict == VERDICT_HIT else 0
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
 
     async def _complete(
         self, request: web.Request, gen: GenRequest, verdict: str
@@ -1363,7 +1371,7 @@ class Standin:
             "created": int(time.time()),
             "model": self.name,
             "choices": choices,
-            "usage": {**self._usage(gen, produced), "prompt_tokens_details": None},
+            "usage": self._usage(gen, produced, verdict),
             "prompt_logprobs": None,
             "kv_transfer_params": kv_params,
         }
@@ -1479,7 +1487,7 @@ class Standin:
                     "created": created,
                     "model": self.name,
                     "choices": [],
-                    "usage": self._usage(gen, produced),
+                    "usage": self._usage(gen, produced, verdict),
                 }
                 tail_parts.append(event(usage))
             tail_parts.append(b"data: [DONE]\n\n")
