@@ -1,0 +1,1 @@
+"""Benchmarks of disaggd: proxy overhead, recovery, the real engine on CPU (see README.md)."""

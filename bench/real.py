@@ -1,0 +1,193 @@
+"""Part 3: the real engine on CPU: disaggregated through disaggd against one aggregated vLLM.
+
+Uses ``etc/examples/cpu-tiny.toml`` (1P1D, the tiny model of ``disaggd
+build-tiny-model models/tiny-llama``) with fresh ports and a temporary state
+folder. The aggregated baseline is the topology's decode instance started on
+its own without ``--kv-transfer-config`` (same model, arguments and env).
+The two run one after the other, never at once, so that they do not share the CPUs.
+
+For each: TTFT and inter-token latency at concurrency 1, then goodput at a few
+request rates (Poisson arrivals): requests/s that meet both a TTFT target and
+a time-per-output-token target (DistServe's figure). The rates and targets
+scale with the aggregated instance's own speed at concurrency 1 (rates 1, 2
+and 4 times its requests/s; TTFT <= 4 x its TTFT p50, TPOT <= 2 x its ITL
+p50), so the same harness gives meaningful figures on a GPU host. Skipped,
+with the reason, when vLLM is not importable or the topology or model is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import MAX_TOKENS, ROOT, loadgen_argv, run_loadgen, start_daemon
+from disaggd._compat import tomllib
+from disaggd.command import build_child_spec
+from disaggd.config import Role, parse_config
+from tests.helpers import free_port, free_ports
+
+TOPOLOGY = ROOT / "etc" / "examples" / "cpu-tiny.toml"
+RATE_FACTORS = (1.0, 2.0, 4.0)
+
+
+def unavailable() -> str | None:
+    """Why the real-engine benchmark cannot run here, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return f"vllm is not importable by {sys.executable} (pip install 'disaggd[cpu]')"
+    if not TOPOLOGY.exists():
+        return f"{os.path.relpath(TOPOLOGY, ROOT)} is missing"
+    model = _model_path(tomllib.loads(TOPOLOGY.read_text())["model"]["name"])
+    if not model.exists():
+        return f"model {model} is missing (python -m disaggd build-tiny-model models/tiny-llama)"
+    return None
+
+
+def _model_path(name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else ROOT / path
+
+
+def topology(tmp: Path) -> dict[str, Any]:
+    """cpu-tiny.toml with free ports, an absolute model path and state under `tmp`."""
+    doc: dict[str, Any] = tomllib.loads(TOPOLOGY.read_text())
+    doc["model"]["name"] = str(_model_path(doc["model"]["name"]))
+    doc["proxy"] = {**doc.get("proxy", {}), "host": "127.0.0.1", "port": free_port()}
+    doc["daemon"] = {
+        **doc.get("daemon", {}),
+        "control_socket": str(tmp / "ctl.sock"),
+        "state_dir": str(tmp / "state"),
+        "log_level": "warning",
+        "log_format": "logfmt",
+        "watch": False,
+    }
+    for inst in doc.get("instance", []):
+        if "url" not in inst:
+            inst["port"], inst["kv_port"] = free_ports(2)
+    return doc
+
+
+@contextlib.contextmanager
+def aggregated(tmp: Path, doc: Mapping[str, Any]) -> Any:
+    """One vLLM instance like the topology's decode, without a KV connector; yields its URL."""
+    topo = parse_config(doc, tmp / "disaggd.toml")
+    spec = build_child_spec(topo, topo.by_role(Role.DECODE)[0])
+    argv = list(spec.argv)
+    i = argv.index("--kv-transfer-config")
+    del argv[i : i + 2]
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    workdir = tmp / "aggregated"
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **spec.env, "TMPDIR": str(workdir / "tmp")}
+    with (workdir / "output.log").open("wb") as log:
+        # Its own session: vLLM forks an EngineCore, so the whole group is stopped below.
+        proc = subprocess.Popen(
+            argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (workdir / "output.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"aggregated vLLM did not become healthy:\n{tail}")
+            time.sleep(1.0)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the group of the process we started
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def goodput(result: Mapping[str, Any], ttft_ms: float, tpot_ms: float) -> float:
+    """Requests/s that succeeded within both the TTFT and the time-per-output-token target."""
+    good = 0
+    for start, end, ttft, tokens, error in result["records"]:
+        if error is not None or ttft is None:
+            continue
+        tpot = ((end - start) * 1e3 - ttft) / max(tokens - 1, 1)
+        good += ttft <= ttft_ms and tpot <= tpot_ms
+    return round(good / max(float(result["wall_s"]), 1e-9), 3)
+
+
+def measure(
+    url: str, model: str, seconds: float, rates: Sequence[float], slo: tuple[float, float] | None
+) -> dict[str, Any]:
+    """Concurrency 1, then each rate; `slo` None: only concurrency 1 (the caller derives it)."""
+    common: dict[str, Any] = {"model": model, "ignore_eos": True, "timeout": 300}
+    c1 = run_loadgen(loadgen_argv(url, concurrency=1, duration=seconds, warmup=2, **common))
+    out: dict[str, Any] = {
+        key: c1[key] for key in ("ttft_ms", "itl_ms", "e2e_ms", "req_per_s", "failed")
+    }
+    out["rates"] = []
+    for rate in rates:
+        res = run_loadgen(
+            loadgen_argv(url, rate=round(rate, 3), duration=seconds, records=True, **common)
+        )
+        row = {
+            "rate": round(rate, 3),
+            "req_per_s": res["req_per_s"],
+            "ttft_ms": res["ttft_ms"],
+            "itl_ms": res["itl_ms"],
+            "failed": res["failed"],
+        }
+        if slo is not None:
+            row["goodput"] = goodput(res, *slo)
+        out["rates"].append(row)
+    return out
+
+
+def run(tmp: Path, *, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole comparison, or ``{"skipped": reason}``."""
+    reason = unavailable()
+    if reason is not None:
+        log(f"  skipped: {reason}")
+        return {"skipped": reason}
+    tmp.mkdir(parents=True, exist_ok=True)
+    seconds = 10.0 if quick else 20.0
+    doc = topology(tmp)
+    model = parse_config(doc, tmp / "disaggd.toml").model.public_name
+    log("  aggregated vLLM: concurrency 1")
+    with aggregated(tmp, doc) as url:
+        base = measure(url, model, seconds, (), None)
+        capacity = base["req_per_s"]
+        rates = [f * capacity for f in RATE_FACTORS]
+        slo = (4 * base["ttft_ms"]["p50"], 2 * base["itl_ms"]["p50"])
+        log(f"  aggregated vLLM: rates {[round(r, 2) for r in rates]} req/s")
+        agg = measure(url, model, seconds, rates, slo)
+    log("  disaggd 1P1D: concurrency 1 and the same rates")
+    with contextlib.ExitStack() as stack:
+        daemon = start_daemon(tmp / "disaggd", doc, stack, timeout=900)
+        dis = measure(daemon.proxy_url, model, seconds, rates, slo)
+    return {
+        "topology": os.path.relpath(TOPOLOGY, ROOT),
+        "model": model,
+        "max_tokens": MAX_TOKENS,
+        "seconds_per_run": seconds,
+        "slo": {"ttft_ms": round(slo[0], 2), "tpot_ms": round(slo[1], 2)},
+        "aggregated": agg,
+        "disaggd": dis,
+    }

