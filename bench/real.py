@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MAX_TOKENS, ROOT, loadgen_argv, run_loadgen, start_daemon
+from bench.loadgen import DEFAULT_PROMPT, percentiles
 from disaggd._compat import tomllib
 from disaggd.command import build_child_spec
 from disaggd.config import Role, parse_config
@@ -38,6 +39,9 @@ from tests.helpers import free_port, free_ports
 
 TOPOLOGY = ROOT / "etc" / "examples" / "cpu-tiny.toml"
 RATE_FACTORS = (1.0, 2.0, 4.0)
+#: ~550 tokens with the tiny model's tokenizer: KV moves in whole blocks (128 tokens on CPU),
+#: so a prompt shorter than a block would be recomputed by the decode, not transferred.
+PROMPT = DEFAULT_PROMPT * 8
 
 
 def unavailable() -> str | None:
@@ -53,8 +57,9 @@ def unavailable() -> str | None:
 
 
 def _model_path(name: str) -> Path:
+    """The model folder; relative paths in a topology are relative to the file."""
     path = Path(name)
-    return path if path.is_absolute() else ROOT / path
+    return path if path.is_absolute() else (TOPOLOGY.parent / path).resolve()
 
 
 def topology(tmp: Path) -> dict[str, Any]:
@@ -122,42 +127,67 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def goodput(result: Mapping[str, Any], ttft_ms: float, tpot_ms: float) -> float:
+def tpot_ms(records: Sequence[Sequence[Any]]) -> list[float]:
+    """Time per output token after the first, per successful request, ms."""
+    return [
+        ((end - start) * 1e3 - ttft) / max(tokens - 1, 1)
+        for start, end, ttft, tokens, error in records
+        if error is None and ttft is not None
+    ]
+
+
+def goodput(result: Mapping[str, Any], slo: Mapping[str, float]) -> float:
     """Requests/s that succeeded within both the TTFT and the time-per-output-token target."""
-    good = 0
-    for start, end, ttft, tokens, error in result["records"]:
-        if error is not None or ttft is None:
-            continue
-        tpot = ((end - start) * 1e3 - ttft) / max(tokens - 1, 1)
-        good += ttft <= ttft_ms and tpot <= tpot_ms
+    good = sum(
+        1
+        for r in result["records"]
+        if r[4] is None
+        and r[2] is not None
+        and r[2] <= slo["ttft_ms"]
+        and tpot_ms([r])[0] <= slo["tpot_ms"]
+    )
     return round(good / max(float(result["wall_s"]), 1e-9), 3)
 
 
-def measure(
-    url: str, model: str, seconds: float, rates: Sequence[float], slo: tuple[float, float] | None
-) -> dict[str, Any]:
-    """Concurrency 1, then each rate; `slo` None: only concurrency 1 (the caller derives it)."""
-    common: dict[str, Any] = {"model": model, "ignore_eos": True, "timeout": 300}
-    c1 = run_loadgen(loadgen_argv(url, concurrency=1, duration=seconds, warmup=2, **common))
-    out: dict[str, Any] = {
-        key: c1[key] for key in ("ttft_ms", "itl_ms", "e2e_ms", "req_per_s", "failed")
-    }
-    out["rates"] = []
-    for rate in rates:
-        res = run_loadgen(
-            loadgen_argv(url, rate=round(rate, 3), duration=seconds, records=True, **common)
+def _load(url: str, model: str, seconds: float, **shape: Any) -> dict[str, Any]:
+    return run_loadgen(
+        loadgen_argv(
+            url,
+            model=model,
+            prompt=PROMPT,
+            ignore_eos=True,
+            timeout=300,
+            duration=seconds,
+            records=True,
+            **shape,
         )
-        row = {
-            "rate": round(rate, 3),
-            "req_per_s": res["req_per_s"],
-            "ttft_ms": res["ttft_ms"],
-            "itl_ms": res["itl_ms"],
-            "failed": res["failed"],
-        }
-        if slo is not None:
-            row["goodput"] = goodput(res, *slo)
-        out["rates"].append(row)
-    return out
+    )
+
+
+def _figures(res: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "req_per_s": res["req_per_s"],
+        "ttft_ms": res["ttft_ms"],
+        "itl_ms": res["itl_ms"],
+        "tpot_ms": percentiles(tpot_ms(res["records"])),
+        "failed": res["failed"],
+    }
+
+
+def concurrency_one(url: str, model: str, seconds: float) -> dict[str, Any]:
+    """TTFT, ITL and time per output token, one request at a time."""
+    return _figures(_load(url, model, seconds, concurrency=1, warmup=2))
+
+
+def at_rates(
+    url: str, model: str, seconds: float, rates: Sequence[float], slo: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """Open-loop load at each rate: latencies and goodput."""
+    rows = []
+    for rate in rates:
+        res = _load(url, model, seconds, rate=round(rate, 3))
+        rows.append({"rate": round(rate, 3), **_figures(res), "goodput": goodput(res, slo)})
+    return rows
 
 
 def run(tmp: Path, *, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -172,22 +202,26 @@ def run(tmp: Path, *, quick: bool = False, log: Callable[[str], None] = print) -
     model = parse_config(doc, tmp / "disaggd.toml").model.public_name
     log("  aggregated vLLM: concurrency 1")
     with aggregated(tmp, doc) as url:
-        base = measure(url, model, seconds, (), None)
-        capacity = base["req_per_s"]
-        rates = [f * capacity for f in RATE_FACTORS]
-        slo = (4 * base["ttft_ms"]["p50"], 2 * base["itl_ms"]["p50"])
-        log(f"  aggregated vLLM: rates {[round(r, 2) for r in rates]} req/s")
-        agg = measure(url, model, seconds, rates, slo)
+        agg = concurrency_one(url, model, seconds)
+        rates = [f * agg["req_per_s"] for f in RATE_FACTORS]
+        slo = {
+            "ttft_ms": round(4 * agg["ttft_ms"]["p50"], 2),
+            "tpot_ms": round(2 * agg["tpot_ms"]["p50"], 3),
+        }
+        log(f"  aggregated vLLM: rates {[round(r, 2) for r in rates]} req/s, targets {slo}")
+        agg["rates"] = at_rates(url, model, seconds, rates, slo)
     log("  disaggd 1P1D: concurrency 1 and the same rates")
     with contextlib.ExitStack() as stack:
         daemon = start_daemon(tmp / "disaggd", doc, stack, timeout=900)
-        dis = measure(daemon.proxy_url, model, seconds, rates, slo)
+        dis = concurrency_one(daemon.proxy_url, model, seconds)
+        dis["rates"] = at_rates(daemon.proxy_url, model, seconds, rates, slo)
     return {
         "topology": os.path.relpath(TOPOLOGY, ROOT),
         "model": model,
         "max_tokens": MAX_TOKENS,
+        "prompt_chars": len(PROMPT),
         "seconds_per_run": seconds,
-        "slo": {"ttft_ms": round(slo[0], 2), "tpot_ms": round(slo[1], 2)},
+        "slo": slo,
         "aggregated": agg,
         "disaggd": dis,
     }

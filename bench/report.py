@@ -155,15 +155,15 @@ def print_report(doc: Mapping[str, Any]) -> None:
             )
             for way in ("aggregated", "disaggd"):
                 w = real[way]
-                print(
-                    f"  {way:<10} c=1: TTFT p50 {_fmt(w['ttft_ms'].get('p50'), 2)} "
-                    f"p99 {_fmt(w['ttft_ms'].get('p99'), 2)} ms, ITL p50 "
-                    f"{_fmt(w['itl_ms'].get('p50'), 2)} p99 {_fmt(w['itl_ms'].get('p99'), 2)} ms"
-                )
-                for r in w["rates"]:
+                for r in [{"rate": None, **w}, *w["rates"]]:
+                    load = "c=1" if r["rate"] is None else f"{r['rate']:.2f} req/s"
                     print(
-                        f"  {'':<10} {r['rate']:>7.2f} req/s offered: {r['req_per_s']:.2f} served,"
-                        f" goodput {r.get('goodput')}, failed {r['failed']}"
+                        f"  {way:<10} {load:>12}: {r['req_per_s']:7.2f} req/s, TTFT p50 "
+                        f"{_fmt(r['ttft_ms'].get('p50'), 2)} p99 {_fmt(r['ttft_ms'].get('p99'), 2)}"
+                        f" ms, TPOT p50 {_fmt(r['tpot_ms'].get('p50'), 3)} ms, ITL p99 "
+                        f"{_fmt(r['itl_ms'].get('p99'), 2)} ms"
+                        + ("" if r["rate"] is None else f", goodput {r['goodput']} req/s")
+                        + (f", failed {r['failed']}" if r["failed"] else "")
                     )
     print("\ntargets")
     for row in doc["targets"]:

