@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from disaggd.reload import ReloadPlan, diff, fingerprint
 from disaggd.router import Router
 from disaggd.sdnotify import Notifier, watchdog_interval
 from disaggd.states import ProcessState
-from disaggd.supervisor import InstanceStatus, Supervisor
+from disaggd.supervisor import InstanceStatus, Supervisor, port_in_use
 
 log = logs.get_logger("disaggd.daemon")
 
@@ -501,13 +500,8 @@ async def _first(*aws: Any) -> Any:
 
 
 def _proxy_port_problem(topo: Topology) -> str | None:
-    """Why the proxy could not bind its port, or None."""
+    """Why the proxy could not bind its port, or None (checked before any child starts)."""
     host, port = topo.proxy.host, topo.proxy.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return f"proxy port {host}:{port} is not available: {exc.strerror or exc}"
+    if port_in_use(host, port):
+        return f"proxy port {host}:{port} is already in use by another process"
     return None

@@ -110,7 +110,7 @@ class Metrics:
 
     def __init__(self) -> None:
         # `*_created` series double every counter's output and nothing here reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

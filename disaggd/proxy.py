@@ -1162,17 +1162,9 @@ class Proxy:
                     self._metrics.retries.labels("decode").inc()
                     st.rid = self._attempt_rid(st, None, up)
                     continue
-                except asyncio.TimeoutError:
-                    # Its total is the request's remaining time: this is the deadline.
-                    self._error(up, "timeout")
-                    st.error = f"decode_timeout:{up.name}"
-                    raise _gateway_timeout() from None
-                except aiohttp.ClientError as exc:
-                    self._error(up, "disconnect")
-                    st.error = f"decode_{type(exc).__name__}:{up.name}"
-                    raise HTTPError(
-                        502, f"decode instance {up.name} failed: {exc}", "bad_gateway_error"
-                    ) from None
+                except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                    # A timeout's total is the request's remaining time: the deadline.
+                    raise self._decode_failure(st, up, exc) from None
                 try:
                     await self._forward(st, resp, up)
                 finally:
@@ -1182,6 +1174,17 @@ class Proxy:
             if held is not None:
                 router.release(held)
 
+    def _decode_failure(self, st: _Req, up: Upstream, exc: BaseException) -> HTTPError:
+        """The client's error for a decode leg that broke before its first byte: 504 at
+        the deadline, else 502; counted against `up`."""
+        if isinstance(exc, asyncio.TimeoutError):
+            self._error(up, "timeout")
+            st.error = f"decode_timeout:{up.name}"
+            return _gateway_timeout()
+        self._error(up, "disconnect")
+        st.error = f"decode_{type(exc).__name__}:{up.name}"
+        return HTTPError(502, f"decode instance {up.name} failed: {exc}", "bad_gateway_error")
+
     async def _forward(self, st: _Req, resp: aiohttp.ClientResponse, up: Upstream) -> None:
         """Pass the decode's answer to the client: a stream as it comes, else whole."""
         ctype = resp.headers.get("Content-Type", "application/json")
@@ -1190,16 +1193,8 @@ class Proxy:
             return
         try:
             data = await resp.read()
-        except asyncio.TimeoutError:
-            self._error(up, "timeout")
-            st.error = f"decode_timeout:{up.name}"
-            raise _gateway_timeout() from None
-        except aiohttp.ClientError as exc:
-            self._error(up, "disconnect")
-            st.error = f"decode_{type(exc).__name__}:{up.name}"
-            raise HTTPError(
-                502, f"decode instance {up.name} failed: {exc}", "bad_gateway_error"
-            ) from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise self._decode_failure(st, up, exc) from None
         if resp.status >= 500:
             self._error(up, "http_5xx")
             st.error = f"decode_http_{resp.status}:{up.name}"
