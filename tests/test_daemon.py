@@ -232,7 +232,8 @@ def test_status_and_restart_one_instance(tmp_path: Path) -> None:
 
 def test_sd_notify_ready_only_after_every_instance(tmp_path: Path) -> None:
     doc = standin_topology(tmp_path, instance_env={"decode-0": {"STANDIN_START_DELAY": "2"}})
-    with DaemonProcess(tmp_path, doc) as d:
+    # systemd's watchdog: WATCHDOG=1 at half of WATCHDOG_USEC
+    with DaemonProcess(tmp_path, doc, env={"WATCHDOG_USEC": "400000"}) as d:
         d.start(wait_ready=False)
         idx = d.notify.wait("READY", timeout=60)
         msgs = d.notify.poll()
@@ -248,6 +249,7 @@ def test_sd_notify_ready_only_after_every_instance(tmp_path: Path) -> None:
         assert d.stop() == 0
         msgs = d.notify.poll()
         assert msgs[-1].get("STOPPING") == "1" or any(m.get("STOPPING") for m in msgs[start:])
+        assert sum(1 for m in msgs if m.get("WATCHDOG") == "1") >= 3
 
 
 def test_control_socket_is_owner_only(tmp_path: Path) -> None:
