@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,26 @@ def status(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
     """The daemon's instances by name (from its control socket; no CLI process)."""
     reply = control.request(Path(daemon.socket_path), {"command": "status"}, 10.0)
     return {row["name"]: row for row in reply["instances"]}
+
+
+# -- Prometheus ----------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the Prometheus samples `name` whose labels include `labels`; None: no sample."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(w in line for w in want)
+    ]
+    return sum(values) if values else None
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text: str = resp.read().decode()
+        return text
 
 
 # -- /proc ----------------------------------------------------------------------------------------

@@ -90,8 +90,9 @@ def targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     )
     n = _get(doc, "recovery", "reload", "failed")
     rows.append(_row("0 failed requests across a reload", n, "req", n is not None and n == 0))
-    n = _get(doc, "recovery", "sigterm", "lost")
-    rows.append(_row("0 requests lost across a SIGTERM drain", n, "req", n is not None and n == 0))
+    term = _get(doc, "recovery", "sigterm")
+    n = term["lost"] + term["dropped"] if term and "lost" in term else None
+    rows.append(_row("0 failed requests across a SIGTERM drain (lost+dropped)", n, "req", n == 0))
     return rows
 
 
@@ -165,6 +166,9 @@ def print_report(doc: Mapping[str, Any]) -> None:
                         + ("" if r["rate"] is None else f", goodput {r['goodput']} req/s")
                         + (f", failed {r['failed']}" if r["failed"] else "")
                     )
+            print(
+                f"  the decode's KV, per disaggregated request: {real['disaggd'].get('kv_check')}"
+            )
     print("\ntargets")
     for row in doc["targets"]:
         print(f"  {row['result']:<5} {row['target']:<56} {_fmt(row['measured'], 3)} {row['unit']}")

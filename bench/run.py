@@ -45,7 +45,9 @@ from bench.common import (
     cpu_seconds,
     daemon_pid,
     loadgen_argv,
+    metric,
     run_loadgen,
+    scrape,
     start_daemon,
     status,
     status_mb,
@@ -211,23 +213,6 @@ def median(xs: Sequence[float]) -> float:
 # -- 2. recovery -------------------------------------------------------------------------------
 
 
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """Sum of the Prometheus samples `name` whose labels include `labels`; None: no sample."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(w in line for w in want)
-    ]
-    return sum(values) if values else None
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text: str = resp.read().decode()
-        return text
-
-
 def failed(result: Mapping[str, Any], after: float | None = None) -> list[list[Any]]:
     """The failed request records (started after `after`, when given)."""
     return [r for r in result["records"] if r[4] is not None and (after is None or r[0] >= after)]
@@ -358,12 +343,13 @@ def reload_decode(daemon: DaemonProcess, plan: Plan, victim: str = "decode-1") -
     }
 
 
-#: Failures that are a refusal the client can retry, not a lost request.
+#: Failures that are a clean refusal the client can retry: 503 while draining, or no
+#: connection at all once the daemon is gone.
 REFUSED = frozenset({"http_503", "ClientConnectorError"})
 
 
 def sigterm(daemon: DaemonProcess, plan: Plan) -> dict[str, Any]:
-    """SIGTERM under load: time to exit, requests lost (accepted but not completed)."""
+    """SIGTERM under load: time to exit, requests lost or dropped (anything but a refusal)."""
     children = [int(row["pid"]) for row in status(daemon).values() if row["pid"]]
     with BackgroundLoad(daemon.proxy_url, plan.recovery_concurrency) as load:
         time.sleep(plan.settle)
@@ -373,17 +359,23 @@ def sigterm(daemon: DaemonProcess, plan: Plan) -> dict[str, Any]:
         t_exit = time.perf_counter()
         result = load.stop()
     recs = result["records"]
-    bad = failed(result)
-    lost = [r for r in bad if r[0] < t_exit and r[4] not in REFUSED]
+    unclean = [r for r in failed(result) if r[0] < t_exit and r[4] not in REFUSED]
     return {
         "concurrency": plan.recovery_concurrency,
         "exit_status": rc,
         "exit_s": round(t_exit - t_term, 3),
         "in_flight_at_sigterm": sum(1 for r in recs if r[0] < t_term < r[1]),
         "completed_after_sigterm": sum(1 for r in recs if r[0] < t_term < r[1] and r[4] is None),
-        "lost": len(lost),
-        "lost_kinds": kinds(lost),
-        "refused": sum(1 for r in bad if r[4] in REFUSED),
+        # Sent before SIGTERM and neither completed nor refused.
+        "lost": sum(1 for r in unclean if r[0] < t_term),
+        # Sent while draining and answered neither 503 nor a refused connection.
+        "dropped": sum(1 for r in unclean if r[0] >= t_term),
+        # [sent, ended (ms from SIGTERM), tokens received, error] of each of those.
+        "unclean": [
+            [round((r[0] - t_term) * 1e3, 1), round((r[1] - t_term) * 1e3, 1), r[3], r[4]]
+            for r in unclean[:20]
+        ],
+        "refused": sum(1 for r in failed(result) if r[4] in REFUSED),
         "children_left": sum(1 for p in children if pid_alive(p)),
     }
 
