@@ -100,7 +100,12 @@ class Cluster:
     def topology(self, **proxy: Any) -> Topology:
         """The cluster's topology with `[proxy]` settings changed and a fresh proxy port."""
         doc = json.loads(json.dumps(self.doc))
-        doc["proxy"] = {**doc.get("proxy", {}), "port": free_port(), **proxy}
+        # The stand-ins do not bind their KV ports, so a "free" port may be one of them.
+        taken = {p for i in doc["instance"] for p in (i.get("port"), i.get("kv_port"))}
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        doc["proxy"] = {**doc.get("proxy", {}), "port": port, **proxy}
         return parse_config(doc, self.tmp / "topology.toml")
 
     def port(self, name: str) -> int:
