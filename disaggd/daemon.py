@@ -319,7 +319,9 @@ class Daemon:
         for name in plan.removed:
             self.router.set_draining(name, True)
         self.proxy.update_settings(new)
-        self.router.update_topology(new)
+        # A restarted instance keeps its current upstream (still routable, drainable)
+        # until its turn in the rolling restart, even when its address changes.
+        self.router.update_topology(new, deferred=plan.restarted)
         self.supervisor.update_topology(new)
         drain = new.daemon.drain_timeout
         for name in plan.removed:
@@ -352,6 +354,7 @@ class Daemon:
         for idx, name in enumerate(plan.restarted):
             inst = new.instance(name)
             await self._drain(name, drain)
+            self.router.commit(name)  # its new address, if it changed (not ready yet)
             ok = await self.supervisor.restart(name, inst, new, wait=True)
             self.router.set_draining(name, False)
             self._running[name] = fingerprint(new, inst)

@@ -72,6 +72,8 @@ class Router:
         self._by_role: dict[Role, list[Upstream]] = {Role.PREFILL: [], Role.DECODE: []}
         # Where the next scan starts, per role: round robin and tie breaking.
         self._cursor: dict[Role, int] = {Role.PREFILL: 0, Role.DECODE: 0}
+        # Deferred address changes (`update_topology`), swapped in by `commit`.
+        self._pending: dict[str, Upstream] = {}
         self._policy: dict[Role, Policy] = {
             Role.PREFILL: "least_outstanding",
             Role.DECODE: "least_outstanding",
@@ -83,36 +85,56 @@ class Router:
 
     # -- configuration -----------------------------------------------------------------------
 
-    def update_topology(self, topo: Topology) -> None:
+    def update_topology(self, topo: Topology, *, deferred: Collection[str] = ()) -> None:
         """Apply a reloaded topology.
 
         New instances are added (not ready). An instance whose address, role or
         KV address changed becomes a new, not-ready upstream (requests in flight
-        on the old one finish against the old address). Instances no longer in
-        the topology are dropped, except a draining one that still has requests
-        in flight: it stays listed (never picked) until `release` brings it to 0.
-        Unchanged instances keep their state. Policies apply from the next pick.
+        on the old one finish against the old address) — unless it is named in
+        `deferred` (a reload restarts it later, one at a time): then its current
+        upstream stays in rotation, drainable, until `commit` swaps in the new
+        one. Instances no longer in the topology are dropped, except a draining
+        one that still has requests in flight: it stays listed (never picked)
+        until `release` brings it to 0. Unchanged instances keep their state.
+        Policies apply from the next pick.
         """
         wanted = {inst.name: inst for inst in topo.instances}
         table: dict[str, Upstream] = {}
+        self._pending = {}
         for name, inst in wanted.items():
             fresh = _upstream_for(inst)
             old = self._by_name.get(name)
-            if (
-                old is not None
-                and not old._retired
-                and (old.role, old.base_url, old.kv_address)
-                == (fresh.role, fresh.base_url, fresh.kv_address)
-            ):
-                table[name] = old
-            else:
-                table[name] = fresh
+            if old is not None and not old._retired:
+                same = (old.role, old.base_url, old.kv_address) == (
+                    fresh.role,
+                    fresh.base_url,
+                    fresh.kv_address,
+                )
+                if same or name in deferred:
+                    table[name] = old
+                    if not same:
+                        self._pending[name] = fresh
+                    continue
+            table[name] = fresh
         for name, old in self._by_name.items():
             if name not in wanted and old.draining and old.outstanding > 0:
                 old._retired = True
                 table[name] = old
         self._by_name = table
         self._apply_policies(topo)
+        self._reindex()
+
+    def commit(self, name: str) -> None:
+        """Swap in the new upstream of a `deferred` instance (no-op when it has none).
+
+        Called once the old one is drained, just before the instance restarts:
+        the new upstream starts not ready; requests still holding the old one
+        release it as usual.
+        """
+        fresh = self._pending.pop(name, None)
+        if fresh is None or name not in self._by_name:
+            return
+        self._by_name[name] = fresh
         self._reindex()
 
     def _apply_policies(self, topo: Topology) -> None:

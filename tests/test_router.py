@@ -179,6 +179,39 @@ def test_changed_address_is_a_new_upstream(tmp_path: Path) -> None:
     assert router.get("prefill-0").ready  # type: ignore[union-attr]
 
 
+def test_deferred_address_change_keeps_the_old_upstream_until_commit(tmp_path: Path) -> None:
+    # A reload restarts changed instances one at a time: until its turn, an instance
+    # whose port changed must stay routable and drainable at its old address.
+    doc = standin_topology(tmp_path, prefill=1, decode=2)
+    router = Router(parse_config(doc))
+    _ready_all(router)
+    old0, old1 = router.get("decode-0"), router.get("decode-1")
+    assert old0 is not None and old1 is not None
+    router.acquire(old1)
+    new = dict(doc)
+    moved = [{**doc["instance"][i], "port": doc["instance"][i]["port"] + 11} for i in (1, 2)]
+    new["instance"] = [doc["instance"][0], *moved]
+    router.update_topology(parse_config(new), deferred=["decode-0", "decode-1"])
+    assert router.get("decode-0") is old0 and router.get("decode-1") is old1
+    assert router.ready_count(Role.DECODE) == 2  # nothing left rotation yet
+    router.commit("decode-1")
+    fresh = router.get("decode-1")
+    assert fresh is not old1 and fresh is not None and not fresh.ready
+    assert fresh.base_url.endswith(str(moved[1]["port"]))
+    assert router.ready_count(Role.DECODE) == 1 and router.get("decode-0") is old0
+    router.release(old1)  # a request that held the old upstream finishes as usual
+    assert old1.outstanding == 0 and router.get("decode-1") is fresh
+    router.commit("decode-1")  # nothing pending any more: no-op
+    assert router.get("decode-1") is fresh
+    # A later update forgets what an earlier one deferred (a rollout that stopped):
+    # decode-0 is back at its old address, and a stale commit must not move it.
+    back = dict(doc)
+    back["instance"] = [doc["instance"][0], doc["instance"][1], moved[1]]
+    router.update_topology(parse_config(back))
+    router.commit("decode-0")
+    assert router.get("decode-0") is old0
+
+
 async def test_wait_idle_is_event_driven(tmp_path: Path) -> None:
     router = Router(_topo(tmp_path))
     up = router.get("decode-0")
