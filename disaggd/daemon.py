@@ -73,6 +73,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._ready_sent = False
+        # Where the proxy listens: a reload cannot move it (reload.diff says so).
+        self._proxy_url = f"http://{topo.proxy.host}:{topo.proxy.port}"
+        self._started_topo = topo
         self._running: dict[str, tuple[Any, ...]] = {
             inst.name: fingerprint(topo, inst) for inst in topo.instances
         }
@@ -157,7 +160,7 @@ class Daemon:
                     if bound.is_set():
                         log.info(
                             "proxy_listening",
-                            url=f"http://{self.topo.proxy.host}:{self.topo.proxy.port}",
+                            url=self._proxy_url,
                         )
                     spawn(self._readiness_loop(), "readiness")
                     spawn(self._reload_loop(), "reload")
@@ -312,7 +315,7 @@ class Daemon:
                 "ok": False,
                 "error": "invalid topology, nothing changed:\n" + "\n".join(problems),
             }
-        plan = diff(self._running, new, self.topo)
+        plan = diff(self._running, new, self.topo, self._started_topo)
         log.info("reload_plan", trigger=trigger, **plan.as_dict())
         notes = [f"{key} changed: restart the daemon to apply it" for key in plan.needs_restart]
         # Removed instances stop taking requests before the router forgets them.
@@ -427,7 +430,7 @@ class Daemon:
             "stopping": self._stopping,
             "instances": rows,
             "proxy": {
-                "url": f"http://{self.topo.proxy.host}:{self.topo.proxy.port}",
+                "url": self._proxy_url,
                 "inflight": self.proxy.inflight,
                 "healthy": all(self.router.ready_count(role) > 0 for role in Role),
             },

@@ -60,7 +60,20 @@ class ReloadPlan:
         }
 
 
-def diff(running: Mapping[str, tuple[Any, ...]], new: Topology, old: Topology) -> ReloadPlan:
+#: Settings read once at start-up: a reload cannot apply them (the proxy keeps its
+#: listening socket, logging is configured once, the file watcher starts with the daemon).
+_NEEDS_RESTART = (
+    ("proxy", ("host", "port")),
+    ("daemon", ("control_socket", "state_dir", "log_format", "log_level", "watch")),
+)
+
+
+def diff(
+    running: Mapping[str, tuple[Any, ...]],
+    new: Topology,
+    old: Topology,
+    started: Topology | None = None,
+) -> ReloadPlan:
     """Compare what runs now with `new`.
 
     Args:
@@ -68,6 +81,8 @@ def diff(running: Mapping[str, tuple[Any, ...]], new: Topology, old: Topology) -
             (after a partly failed reload this differs from `old`).
         new: the freshly loaded topology.
         old: the topology the daemon's settings come from now.
+        started: the topology the daemon started with (default `old`): what
+            ``needs_restart`` compares, since a reload never applies those keys.
     """
     new_fps = {inst.name: fingerprint(new, inst) for inst in new.instances}
     kept = tuple(n for n in new_fps if n in running and running[n] == new_fps[n])
@@ -80,8 +95,9 @@ def diff(running: Mapping[str, tuple[Any, ...]], new: Topology, old: Topology) -
         if getattr(old, section) != getattr(new, section)
     )
     needs_restart = tuple(
-        f"daemon.{key}"
-        for key in ("control_socket", "state_dir")
-        if getattr(old.daemon, key) != getattr(new.daemon, key)
+        f"{section}.{key}"
+        for section, keys in _NEEDS_RESTART
+        for key in keys
+        if getattr(getattr(started or old, section), key) != getattr(getattr(new, section), key)
     )
     return ReloadPlan(kept, restarted, added, removed, settings, needs_restart)

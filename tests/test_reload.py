@@ -69,6 +69,20 @@ def test_control_socket_change_needs_a_restart(tmp_path: Path) -> None:
     assert plan.needs_restart == ("daemon.control_socket",)
 
 
+def test_listen_address_and_logging_changes_need_a_restart(tmp_path: Path) -> None:
+    # The proxy keeps the socket it bound at start; logging is configured once.
+    doc = standin_topology(tmp_path)
+    new_doc = copy.deepcopy(doc)
+    new_doc["proxy"]["port"] = doc["proxy"]["port"] + 1
+    new_doc["daemon"]["log_level"] = "info"
+    plan = diff(running_of(doc), parse_config(new_doc), parse_config(doc))
+    assert plan.needs_restart == ("proxy.port", "daemon.log_level")
+    assert plan.settings == ("proxy", "daemon")
+    # Changed back by a later reload: what the daemon started with is what counts.
+    plan = diff(running_of(doc), parse_config(doc), parse_config(new_doc), parse_config(doc))
+    assert plan.needs_restart == ()
+
+
 def test_remote_instance_fingerprint_is_its_url(tmp_path: Path) -> None:
     doc = standin_topology(tmp_path)
     doc["instance"].append({"name": "remote-d", "role": "decode", "url": "http://10.1.2.3:8200"})
