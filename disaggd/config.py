@@ -30,6 +30,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -61,8 +62,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-Seconds = Annotated[float, Field(gt=0)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+# Strict: TOML has real types, and a quoted "8100", 8100.0 or `true` where a number is
+# meant is a mistake to report, not to coerce (`gpus = [true]` would become GPU 1).
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]  # an integer is fine
+Flag = Annotated[bool, Strict()]
+Seconds = Annotated[float, Strict(), Field(gt=0)]
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+GPU = Annotated[int, Strict(), Field(ge=0)]
 
 
 class ModelSection(_Section):
@@ -99,7 +106,7 @@ class EngineSection(_Section):
             '["{python}", "-m", "vllm.entrypoints.openai.api_server", "--model", "{model}"]).'
         ),
     )
-    isolate_caches: bool = Field(
+    isolate_caches: Flag = Field(
         default=True,
         description=(
             "Point VLLM_CACHE_ROOT and TORCHINDUCTOR_CACHE_DIR into the daemon's state "
@@ -127,19 +134,19 @@ class KVTransferSection(_Section):
         description="How the proxy hands a request over; required for a custom connector.",
     )
     buffer_device: Literal["cuda", "cpu", "xpu"] | None = None
-    buffer_size: float | None = Field(default=None, gt=0, description="kv_buffer_size, bytes.")
+    buffer_size: Number | None = Field(default=None, gt=0, description="kv_buffer_size, bytes.")
     load_failure_policy: Literal["fail", "recompute"] | None = None
     extra_config: Mapping[str, Any] = Field(
         default_factory=dict, description="kv_connector_extra_config, passed through."
     )
-    check: bool = Field(
+    check: Flag = Field(
         default=True,
         description="Per-request proof that the decode loaded the prompt's KV instead of "
         "recomputing it: decode instances run with --enable-prompt-tokens-details and the "
         "proxy reads their cached-token count (clients then see the decode's count, not "
         "the prefill's remote_prefill_cached_tokens).",
     )
-    block_size: int = Field(
+    block_size: Int = Field(
         default=16,
         ge=1,
         description="KV block size in tokens (vllm serve --block-size; 16 on GPU, 128 on "
@@ -160,7 +167,7 @@ class InstanceSection(_Section):
     host: str = Field(default="127.0.0.1", description="Address the instance binds.")
     port: Port | None = None
     url: str | None = Field(default=None, description="A remote instance: routed to, not spawned.")
-    gpus: tuple[int, ...] | None = Field(default=None, description="CUDA_VISIBLE_DEVICES.")
+    gpus: tuple[GPU, ...] | None = Field(default=None, description="CUDA_VISIBLE_DEVICES.")
     env: Mapping[str, str] = Field(default_factory=dict)
     args: tuple[str, ...] = ()
     kv_role: Literal["kv_producer", "kv_consumer", "kv_both"] | None = Field(
@@ -174,7 +181,7 @@ class InstanceSection(_Section):
         description="The connector's own port: NIXL side channel, P2pNccl kv_port, "
         "Mooncake bootstrap port. Allocated from [kv_transfer].port_base when absent.",
     )
-    kv_buffer_size: float | None = Field(default=None, gt=0, description="bytes")
+    kv_buffer_size: Number | None = Field(default=None, gt=0, description="bytes")
 
     @field_validator("name")
     @classmethod
@@ -247,15 +254,15 @@ class SupervisorSection(_Section):
         default=60.0, description="RUNNING this long resets the failure count (startsecs)."
     )
     backoff_initial: Seconds = 1.0
-    backoff_factor: float = Field(default=2.0, ge=1.0)
+    backoff_factor: Number = Field(default=2.0, ge=1.0)
     backoff_max: Seconds = 60.0
-    max_failures: int = Field(
+    max_failures: Int = Field(
         default=5, ge=1, description="Failures in a row without a stable run before FATAL."
     )
     probe_interval: Seconds = Field(default=5.0, description="Liveness probe period.")
     probe_timeout: Seconds = Field(default=5.0, description="Deadline of one probe.")
-    probe_failures: int = Field(default=3, ge=1, description="Failed probes in a row → restart.")
-    output_lines: int = Field(default=200, ge=1, description="Child lines kept for reports.")
+    probe_failures: Int = Field(default=3, ge=1, description="Failed probes in a row → restart.")
+    output_lines: Int = Field(default=200, ge=1, description="Child lines kept for reports.")
 
 
 class ProxySection(_Section):
@@ -272,7 +279,7 @@ class ProxySection(_Section):
         default="decode",
         description="No prefill left: let the decode prefill locally, or answer 503.",
     )
-    decode_only_below_chars: int = Field(
+    decode_only_below_chars: Int = Field(
         default=0,
         ge=0,
         description="Prompts shorter than this (characters; token-id prompts count 4 per "
@@ -281,11 +288,11 @@ class ProxySection(_Section):
     api_key_env: str | None = Field(
         default=None, description="Env var holding the API key clients must send."
     )
-    forward_authorization: bool = Field(
+    forward_authorization: Flag = Field(
         default=False, description="Pass the client's Authorization header upstream."
     )
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
-    retry_after: int = Field(default=5, ge=0, description="Retry-After on 503, seconds.")
+    max_body_bytes: Int = Field(default=8 * 1024 * 1024, gt=0)
+    retry_after: Int = Field(default=5, ge=0, description="Retry-After on 503, seconds.")
     upstream_keepalive: Seconds = Field(
         default=4.0,
         description="Idle pooled connection lifetime; below vLLM's (uvicorn) 5 s keep-alive.",
@@ -302,7 +309,7 @@ class DaemonSection(_Section):
     )
     log_format: Literal["auto", "console", "json", "logfmt", "journal"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    watch: bool = Field(default=False, description="Reload when the file changes.")
+    watch: Flag = Field(default=False, description="Reload when the file changes.")
     drain_timeout: Seconds = Field(default=30.0, description="In-flight requests at shutdown.")
 
 

@@ -83,6 +83,25 @@ def test_wrong_types_are_named_in_toml_words(tmp_path: Path) -> None:
     assert any("instance[0].env: expected a table" in line for line in lines)
 
 
+def test_numbers_and_flags_are_not_coerced(tmp_path: Path) -> None:
+    # A quoted number, a float port or a boolean GPU is a mistake, not a value to guess.
+    doc = minimal(supervisor={"stop_grace": True}, daemon={"watch": 1})
+    doc["instance"][0]["port"] = "8100"
+    doc["instance"][0]["gpus"] = [True, -1]
+    doc["instance"][1]["port"] = 8200.0
+    lines = problems_of(doc, tmp_path)
+    assert any("instance[0].port: expected an integer (got '8100')" in line for line in lines)
+    assert any("instance[0].gpus[0]: expected an integer" in line for line in lines)
+    assert any(
+        "instance[0].gpus[1]:" in line and "greater than or equal to 0" in line for line in lines
+    )
+    assert any("instance[1].port: expected an integer (got 8200.0)" in line for line in lines)
+    assert any("supervisor.stop_grace: expected a number" in line for line in lines)
+    assert any("daemon.watch: expected true or false (got 1)" in line for line in lines)
+    # An integer where a number of seconds is meant is fine.
+    assert parse_config(minimal(supervisor={"stop_grace": 5})).supervisor.stop_grace == 5.0
+
+
 def test_bad_role_suggests(tmp_path: Path) -> None:
     doc = minimal()
     doc["instance"][0]["role"] = "prefil"
