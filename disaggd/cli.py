@@ -208,6 +208,15 @@ def _cmd_control(args: argparse.Namespace) -> int:
         reply = request(socket_path, payload, timeout=timeout)
     except ControlUnavailable as exc:
         print(f"disaggd: {exc}", file=sys.stderr)
+        if args.socket is None:
+            unreadable = _unreadable(args.config or _default_config())
+            if unreadable:
+                # The socket path comes from the file: say why the default was tried.
+                print(
+                    f"disaggd: {unreadable}; the default socket was tried instead "
+                    "(fix the file, or give --socket PATH)",
+                    file=sys.stderr,
+                )
         return EX_UNAVAILABLE
     from disaggd.control import render_reply
 
@@ -216,6 +225,19 @@ def _cmd_control(args: argparse.Namespace) -> int:
     if text:
         print(text, file=stream)
     return status
+
+
+def _unreadable(config_path: Path) -> str | None:
+    """Why `config_path` cannot be read as TOML (so no control socket path), or None."""
+    from disaggd._compat import tomllib
+
+    try:
+        tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        return f"cannot read {config_path}: {exc.strerror or exc}"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"{config_path} is not valid TOML: {exc}"
+    return None
 
 
 def _cmd_build_tiny_model(args: argparse.Namespace) -> int:

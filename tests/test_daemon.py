@@ -293,6 +293,17 @@ def test_client_without_daemon(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 69 and "x.sock" in proc.stderr
+    # A file that is not TOML names no socket: say so instead of only "no daemon".
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "disaggd", "reload", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 69
+    assert f"{bad} is not valid TOML" in proc.stderr and "--socket" in proc.stderr
 
 
 def test_stop_command_and_journal_format(tmp_path: Path) -> None:
