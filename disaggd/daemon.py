@@ -272,7 +272,10 @@ class Daemon:
         while True:
             await self._reload_wanted.wait()
             self._reload_wanted.clear()
-            await self.reload(trigger="SIGHUP")
+            try:
+                await self.reload(trigger="SIGHUP")
+            except Exception:  # a failed reload must not take the daemon down with it
+                log.exception("reload_failed", trigger="SIGHUP")
 
     async def _watch_loop(self) -> None:
         from watchfiles import awatch
@@ -300,8 +303,15 @@ class Daemon:
             self.notifier.reloading()
             try:
                 return await self._apply_reload(trigger)
+            except RuntimeError:
+                if not self._stopping:
+                    raise
+                # A stop came mid-reload: the supervisor refuses new starts; shutdown wins.
+                log.warning("reload_abandoned", trigger=trigger, reason="the daemon is stopping")
+                return {"ok": False, "error": "the daemon is shutting down: reload abandoned"}
             finally:
-                self.notifier.ready(status=self._status_line())
+                if not self._stopping:
+                    self.notifier.ready(status=self._status_line())
 
     async def _apply_reload(self, trigger: str) -> dict[str, Any]:
         assert self.supervisor is not None

@@ -90,3 +90,32 @@ def test_remote_instance_fingerprint_is_its_url(tmp_path: Path) -> None:
     new_doc["instance"][-1]["url"] = "http://10.1.2.4:8200"
     plan = diff(running_of(doc), parse_config(new_doc), parse_config(doc))
     assert plan.restarted == ("remote-d",)
+
+
+async def test_a_stop_during_a_reload_abandons_it_without_failing_the_daemon(
+    tmp_path: Path,
+) -> None:
+    # SIGHUP then SIGTERM: the supervisor refuses the reload's restart once shutdown
+    # began; the reload must give up quietly, not kill the daemon's task group (exit 1,
+    # in-flight requests cut before their drain).
+    from disaggd.daemon import Daemon
+    from tests.helpers import write_topology
+
+    doc = standin_topology(tmp_path)
+    path = write_topology(tmp_path / "t.toml", doc)
+    daemon = Daemon(path, parse_config(doc))
+
+    class StoppingSupervisor:
+        def update_topology(self, topo: object) -> None:
+            pass
+
+        async def restart(self, *args: object, **kwargs: object) -> bool:
+            daemon._stopping = True  # SIGTERM arrived while the old one was stopping
+            raise RuntimeError("Supervisor is shut down")
+
+    daemon.supervisor = StoppingSupervisor()  # type: ignore[assignment]
+    changed = copy.deepcopy(doc)
+    changed["instance"][1]["env"] = {"X": "1"}
+    write_topology(path, changed)
+    reply = await daemon.reload(trigger="SIGHUP")
+    assert reply["ok"] is False and "shutting down" in reply["error"]
