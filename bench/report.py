@@ -1,4 +1,8 @@
-"""The targets of issue 7 against a run's figures, the printed tables, and the plot."""
+"""The targets of issue 7 against a run's figures, the printed tables, and the plot.
+
+``python -m bench.report bench/results/FILE.json`` prints the README's "Latest
+results" section for that run.
+"""
 
 from __future__ import annotations
 
@@ -212,3 +216,92 @@ def plot(raw: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> Path |
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The README's "Latest results" section for one results file."""
+    m = doc["machine"]
+    out = [
+        f"`{doc.get('source', '')}`: {doc['started']}, host `{m['host']}` ({m['cpus']} x "
+        f"{m['cpu']}, {m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']}), "
+        f"commit `{m['commit']}`, load average {m['loadavg_start']:.1f} at the start and "
+        f"{m['loadavg_end']:.1f} at the end, {doc['duration_s']:.0f} s.",
+        "",
+        "| target | measured | result |",
+        "|---|---|---|",
+    ]
+    out += [
+        f"| {r['target']} | {_fmt(r['measured'], 2)} {r['unit']} | {r['result']} |"
+        for r in doc["targets"]
+    ]
+    if doc.get("overhead"):
+        out += [
+            "",
+            "Proxy overhead (ms; TTFT, ITL and e2e as p50 / p99; req/s the median of the rounds;"
+            " daemon CPU per request and peak RSS of the 1P1D daemon):",
+            "",
+            "| c | way | TTFT | ITL | e2e | req/s | tokens/s | daemon CPU/req | daemon RSS |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in doc["overhead"]:
+            for way in WAYS:
+                w = e[way]
+                cpu = rss = ""
+                if way == "proxied_disagg":
+                    cpu = f"{e['daemon_cpu_s_per_req'] * 1e3:.2f} ms"
+                    rss = f"{e['daemon_rss_mb']:.0f} MB"
+                elif way == "proxied_decode_only":
+                    cpu = f"{e['daemon_cpu_s_per_req_decode_only'] * 1e3:.2f} ms"
+                cells = [
+                    f"{_fmt(w[k].get('p50'), 2)} / {_fmt(w[k].get('p99'), 2)}"
+                    for k in ("ttft_ms", "itl_ms", "e2e_ms")
+                ]
+                out.append(
+                    f"| {e['concurrency']} | {way} | {' | '.join(cells)} | "
+                    f"{_fmt(w['req_per_s'])} | {_fmt(w['tokens_per_s'], 0)} | {cpu} | {rss} |"
+                )
+    rec = doc.get("recovery")
+    if rec:
+        out += ["", "Recovery (2P2D):", ""]
+        for name in ("memory", "kill_decode", "reload", "sigterm"):
+            if name in rec:
+                fig = ", ".join(f"{k} {v}" for k, v in rec[name].items())
+                out.append(f"- `{name}`: {fig}")
+    real = doc.get("real")
+    if real:
+        out += ["", "Real engine on CPU:", ""]
+        if real.get("skipped"):
+            out.append(f"skipped: {real['skipped']}")
+        else:
+            slo = real["slo"]
+            out += [
+                f"Goodput targets: TTFT <= {slo['ttft_ms']} ms, TPOT <= {slo['tpot_ms']} ms.",
+                "",
+                "| way | load | req/s | TTFT p50 / p99 | TPOT p50 | ITL p99 | goodput | failed |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for way in ("aggregated", "disaggd"):
+                w = real[way]
+                for r in [{"rate": None, "goodput": None, **w}, *w["rates"]]:
+                    load = "c=1" if r["rate"] is None else f"{r['rate']:.1f} req/s"
+                    ttft = (
+                        f"{_fmt(r['ttft_ms'].get('p50'), 1)} / {_fmt(r['ttft_ms'].get('p99'), 1)}"
+                    )
+                    out.append(
+                        f"| {way} | {load} | {_fmt(r['req_per_s'])} | {ttft} | "
+                        f"{_fmt(r['tpot_ms'].get('p50'), 2)} | {_fmt(r['itl_ms'].get('p99'), 1)} | "
+                        f"{_fmt(r['goodput'], 2)} | {r['failed']} |"
+                    )
+            out += [
+                "",
+                f"KV verdicts of the disaggregated requests: {real['disaggd'].get('kv_check')}",
+            ]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for arg in sys.argv[1:]:
+        sys.stdout.write(markdown({**json.loads(Path(arg).read_text()), "source": arg}))

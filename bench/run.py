@@ -83,7 +83,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(rounds=2, seconds=1.5, settle=1.0, memory_seconds=2.0)
+        return cls(rounds=2, seconds=2.0, settle=1.0, memory_seconds=2.0)
 
 
 def standin_doc(tmp: Path, prefill: int, decode: int, **proxy: Any) -> dict[str, Any]:
