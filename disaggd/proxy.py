@@ -69,8 +69,10 @@ KVVerdict = Literal["moved", "recomputed", "short_prompt", "unknown"]
 
 #: HTTP keep-alive toward clients, seconds. Longer than common client pools
 #: (aiohttp 15 s, httpx 5 s) so that the client, not the proxy, closes an idle
-#: connection: a client never sends on a connection the proxy is closing.
-CLIENT_KEEPALIVE = 75.0
+#: connection: a client never sends on a connection the proxy is closing. Not
+#: longer: Hypercorn 0.18 keeps a connection the client closed (CLOSE-WAIT) until
+#: this timeout, so it bounds how long each closed connection holds a descriptor.
+CLIENT_KEEPALIVE = 20.0
 
 #: Seconds Hypercorn gives connections still open when the shutdown trigger fires,
 #: before cancelling them (which closes their upstream legs). Short, because the
