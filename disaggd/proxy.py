@@ -211,6 +211,11 @@ def parse_request(route: str, raw: bytes) -> dict[str, Any]:
                 raise bad_request("each message must be an object with a 'role'", "messages")
     _check_optional(req, "stream", bool, "a boolean")
     _check_optional(req, "stream_options", dict, "an object")
+    if req.get("stream_options") is not None and not req.get("stream"):
+        # vLLM's own rule (its 400 would only come after a wasted prefill leg).
+        raise bad_request(
+            "'stream_options' can only be set when 'stream' is true", "stream_options"
+        )
     for key in ("max_tokens", "max_completion_tokens", "n", "min_tokens", "min_completion_tokens"):
         _check_optional(req, key, int, "an integer")
     return req

@@ -360,6 +360,11 @@ async def test_client_disconnect_during_prefill_aborts_it(cluster: Cluster) -> N
             {"model": MODEL, "prompt": "hi", "stream_options": []},
             "stream_options",
         ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
         ("/v1/chat/completions", {"model": MODEL}, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": ["hi"]}, "messages"),
