@@ -47,20 +47,13 @@ from typing import Any
 
 import aiohttp
 
+from disaggd.connectors import prefill_kv_transfer_params
+
 #: The prompt of every request: fixed, so that every way does the same work.
 DEFAULT_PROMPT = (
     "Disaggregated serving runs the prefill of a prompt on one instance and its decode on "
     "another, moving the KV cache between them. "
 ) * 2
-
-_NIXL_PREFILL_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 @dataclass
@@ -122,7 +115,7 @@ async def _prefill_leg(
     """The two-leg baseline's first leg; its kv_transfer_params (None: failed, `s.error` set)."""
     body = target.body()
     del body["stream_options"]
-    body.update(stream=False, max_tokens=1, kv_transfer_params=_NIXL_PREFILL_PARAMS)
+    body.update(stream=False, max_tokens=1, kv_transfer_params=prefill_kv_transfer_params())
     async with session.post(
         f"{target.prefill_url}/v1/completions", json=body, headers={"X-Request-Id": rid}
     ) as resp:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from disaggd.connectors import prefill_kv_transfer_params
 from disaggd.testing.standin import (
     Faults,
     UsageError,
@@ -504,14 +505,7 @@ def _prefill_leg(prompt: str) -> dict[str, Any]:
         "prompt": prompt,
         "max_tokens": 1,
         "stream": False,
-        "kv_transfer_params": {
-            "do_remote_decode": True,
-            "do_remote_prefill": False,
-            "remote_engine_id": None,
-            "remote_block_ids": None,
-            "remote_host": None,
-            "remote_port": None,
-        },
+        "kv_transfer_params": prefill_kv_transfer_params(),
     }
 
 
