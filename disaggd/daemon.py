@@ -73,12 +73,17 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._ready_sent = False
-        # Where the proxy listens: a reload cannot move it (reload.diff says so).
-        self._proxy_url = f"http://{topo.proxy.host}:{topo.proxy.port}"
+        # What the daemon started with: a reload cannot move the proxy's address nor
+        # change logging (reload.diff says so).
         self._started_topo = topo
         self._running: dict[str, tuple[Any, ...]] = {
             inst.name: fingerprint(topo, inst) for inst in topo.instances
         }
+
+    @property
+    def _proxy_url(self) -> str:
+        proxy = self._started_topo.proxy
+        return f"http://{proxy.host}:{proxy.port}"
 
     # -- signal-safe entry points: they only set events ------------------------------------
 
