@@ -468,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     raw: dict[str, dict[str, list[float]]] = {}
-    tmp = Path(tempfile.mkdtemp(prefix="disaggd-bench-"))
+    # Short: Unix socket paths (vLLM's IPC sockets, 107 bytes at most) live under it.
+    tmp = Path(tempfile.mkdtemp(prefix="ddb-"))
     t0 = time.monotonic()
     try:
         if "overhead" in parts:

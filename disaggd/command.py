@@ -45,11 +45,6 @@ class ChildSpec:
         return f"{env} {shlex.join(self.argv)}".strip()
 
 
-def instance_dir(topo: Topology, name: str) -> Path:
-    """``{state_dir}/instances/{name}``: the instance's working folder."""
-    return topo.daemon.state_dir / "instances" / name
-
-
 def placeholders(topo: Topology, inst: InstanceSection | None = None) -> dict[str, str]:
     """Values of ``{state_dir}``, ``{model}``, ``{python}`` and ``{instance}``."""
     values = {
@@ -95,8 +90,8 @@ def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
     argv += ["--kv-transfer-config", json.dumps(kv_cfg, separators=(",", ":"))]
     argv += [connectors.expand(a, values) for a in inst.args]
 
-    workdir = instance_dir(topo, inst.name)
-    tmpdir = workdir / "tmp"
+    workdir = topo.daemon.instance_dir(inst.name)
+    tmpdir = topo.daemon.tmp_dir(inst.name)
     env: dict[str, str] = {}
     if inst.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in inst.gpus)

@@ -312,6 +312,14 @@ class DaemonSection(_Section):
     watch: Flag = Field(default=False, description="Reload when the file changes.")
     drain_timeout: Seconds = Field(default=30.0, description="In-flight requests at shutdown.")
 
+    def instance_dir(self, name: str) -> Path:
+        """``{state_dir}/instances/{name}``: an instance's working folder (its cwd)."""
+        return self.state_dir / "instances" / name
+
+    def tmp_dir(self, name: str) -> Path:
+        """An instance's TMPDIR, emptied whenever it exits."""
+        return self.instance_dir(name) / "tmp"
+
 
 class Topology(_Section):
     """The whole validated topology file."""
@@ -562,6 +570,7 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
             )
 
     yield from _port_problems(topo)
+    yield from _socket_path_problems(topo)
 
     spec = topo.connector
     kv = topo.kv_transfer
@@ -628,3 +637,41 @@ def _port_problems(topo: Topology) -> Iterator[Problem]:
             else:
                 kind = spec.port_kind if key == "kv_port" else "HTTP port"
                 owners[port] = f"{label} ({inst.name} {kind})"
+
+
+#: A Unix socket path holds at most this many bytes (sockaddr_un.sun_path, less the NUL).
+UNIX_PATH_MAX = 107
+#: vLLM binds its ZMQ IPC sockets at ``$TMPDIR/<uuid4>``: "/" and 36 characters.
+_VLLM_IPC_NAME = 37
+
+
+def _socket_path_problems(topo: Topology) -> Iterator[Problem]:
+    """Unix socket paths that would be too long: the control socket, vLLM's IPC sockets."""
+    ctl = len(str(topo.daemon.control_socket).encode())
+    if ctl > UNIX_PATH_MAX:
+        yield Problem(
+            "daemon.control_socket",
+            f"{ctl} bytes long; a Unix socket path holds at most {UNIX_PATH_MAX}",
+        )
+    said_state_dir = False
+    for idx, inst in enumerate(topo.instances):
+        if not inst.spawned:
+            continue
+        tmp = inst.env.get("TMPDIR") or topo.model.env.get("TMPDIR")
+        key = (
+            f"instance[{idx}].env.TMPDIR"
+            if "TMPDIR" in inst.env
+            else ("model.env.TMPDIR" if tmp else "daemon.state_dir")
+        )
+        path = tmp or str(topo.daemon.tmp_dir(inst.name))
+        if len(path.encode()) + _VLLM_IPC_NAME > UNIX_PATH_MAX and not (
+            key == "daemon.state_dir" and said_state_dir
+        ):
+            said_state_dir = said_state_dir or key == "daemon.state_dir"
+            yield Problem(
+                key,
+                f"too long for vLLM: '{inst.name}' gets TMPDIR={path} ({len(path.encode())} "
+                f"bytes) and vLLM binds ZMQ sockets at TMPDIR/<uuid>, which must fit in "
+                f"{UNIX_PATH_MAX} bytes: keep TMPDIR within {UNIX_PATH_MAX - _VLLM_IPC_NAME} "
+                "bytes (a shorter state_dir)",
+            )

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import processes_with_env
+from tests.helpers import SHORT_BASE_ENV, processes_with_env
 
 #: Every process the test session starts inherits this variable, so survivors can be
 #: found by it (children, grandchildren and reparented orphans alike).
@@ -23,7 +25,10 @@ def no_survivors() -> Iterator[None]:
     """Fail the session if a process started by a test outlives it."""
     token = uuid.uuid4().hex
     os.environ[MARKER] = token
+    short = tempfile.mkdtemp(prefix="dd-")
+    os.environ[SHORT_BASE_ENV] = short
     yield
+    shutil.rmtree(short, ignore_errors=True)
     deadline = time.monotonic() + 10
     left = processes_with_env(MARKER, token)
     while left and time.monotonic() < deadline:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +40,22 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+#: Set by tests/conftest.py: a short folder of the session (see `short_dir`).
+SHORT_BASE_ENV = "DISAGGD_TEST_SHORT_BASE"
+
+
+def short_dir(tmp_path: Path) -> Path:
+    """A short folder standing for `tmp_path`, for state directories.
+
+    Unix socket paths hold 107 bytes and vLLM binds ZMQ sockets at $TMPDIR/<uuid>,
+    so a state directory under pytest's long tmp_path would be refused by validation.
+    """
+    base = Path(os.environ.get(SHORT_BASE_ENV) or tempfile.gettempdir())
+    folder = base / hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def toml_value(v: Any) -> str:
@@ -135,7 +153,7 @@ def standin_topology(
         "proxy": {"host": "127.0.0.1", "port": ports[-1], **(proxy or {})},
         "daemon": {
             "control_socket": str(tmp_path / "ctl.sock"),
-            "state_dir": str(tmp_path / "state"),
+            "state_dir": str(short_dir(tmp_path) / "state"),
             "log_format": "logfmt",
             "log_level": "debug",
             **(daemon or {}),

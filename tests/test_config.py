@@ -15,7 +15,7 @@ from disaggd import connectors
 from disaggd.cli import EX_CONFIG, EX_USAGE, main
 from disaggd.command import all_child_specs, build_child_spec
 from disaggd.config import ConfigError, Role, load_config, parse_config
-from tests.helpers import dump_toml, standin_topology
+from tests.helpers import dump_toml, short_dir, standin_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted([ROOT / "etc" / "disaggd.toml", *(ROOT / "etc" / "examples").glob("*.toml")])
@@ -244,6 +244,7 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 
 def test_relative_paths_are_anchored_at_the_file(tmp_path: Path) -> None:
     doc = minimal(daemon={"state_dir": "state", "control_socket": "run/ctl.sock"})
+    tmp_path = short_dir(tmp_path)  # state_dir's sockets must fit (see below)
     path = tmp_path / "sub" / "t.toml"
     path.parent.mkdir()
     path.write_text(dump_toml(doc))
@@ -333,9 +334,10 @@ def test_placeholders_and_state_dir(tmp_path: Path) -> None:
     spec = build_child_spec(topo, topo.instances[0])
     assert spec.argv[0] == sys.executable
     kv = json.loads(spec.argv[spec.argv.index("--kv-transfer-config") + 1])
-    assert kv["kv_connector_extra_config"]["shared_storage_path"] == str(tmp_path / "state" / "kv")
-    assert spec.env["TMPDIR"] == str(tmp_path / "state" / "instances" / "prefill-0" / "tmp")
-    assert spec.env["VLLM_CACHE_ROOT"].startswith(str(tmp_path / "state"))
+    state = Path(doc["daemon"]["state_dir"])
+    assert kv["kv_connector_extra_config"]["shared_storage_path"] == str(state / "kv")
+    assert spec.env["TMPDIR"] == str(state / "instances" / "prefill-0" / "tmp")
+    assert spec.env["VLLM_CACHE_ROOT"].startswith(str(state))
 
 
 # -- examples and the CLI ---------------------------------------------------------------------
@@ -427,3 +429,20 @@ def test_relative_model_path_is_anchored_at_the_file(tmp_path: Path) -> None:
     doc = minimal(model={"name": "org/model"})
     path.write_text(dump_toml(doc))
     assert load_config(path).model.name == "org/model"
+
+
+def test_socket_paths_that_would_not_fit(tmp_path: Path) -> None:
+    """vLLM binds ZMQ sockets at $TMPDIR/<uuid>: a Unix socket path holds 107 bytes."""
+    deep = "/srv/" + "d" * 60
+    lines = problems_of(minimal(daemon={"state_dir": deep, "control_socket": deep * 2}), tmp_path)
+    assert any(
+        "daemon.control_socket: 130 bytes long; a Unix socket path holds at most 107" in x
+        for x in lines
+    )
+    (line,) = [x for x in lines if "daemon.state_dir" in x]  # one line, not one per instance
+    assert f"too long for vLLM: 'p0' gets TMPDIR={deep}/instances/p0/tmp (82 bytes)" in line
+    assert "keep TMPDIR within 70 bytes" in line
+    doc = minimal(daemon={"state_dir": deep})
+    doc["instance"][0]["env"] = {"TMPDIR": "/t"}
+    doc["instance"][1]["env"] = {"TMPDIR": "/t"}
+    parse_config(doc)  # the instances' own TMPDIR is short: fine

@@ -27,7 +27,7 @@ import pytest
 from disaggd._compat import tomllib
 from disaggd.proxy import kv_verdict
 from tests.daemon_harness import DaemonProcess, all_gone, http_get, http_post
-from tests.helpers import free_ports, wait_for
+from tests.helpers import free_ports, short_dir, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 
@@ -167,7 +167,9 @@ def example_doc(name: str, tmp: Path, model: Path) -> dict[str, Any]:
         inst["kv_port"] = ports[2 + idx]
     doc["proxy"]["port"] = ports[4]
     doc["daemon"].update(
-        control_socket=str(tmp / "ctl.sock"), state_dir=str(tmp / "state"), log_level="info"
+        control_socket=str(tmp / "ctl.sock"),
+        state_dir=str(short_dir(tmp) / "state"),
+        log_level="info",
     )
     doc["daemon"]["log_format"] = "logfmt"
     return doc
@@ -363,3 +365,64 @@ def test_sigterm_with_a_request_in_flight(daemon: DaemonProcess) -> None:
     assert daemon.wait(120) == 0
     assert all_gone(groups, timeout=30), "a vLLM process outlived the daemon"
     assert re.search(r"daemon_exited status=0", daemon.log())
+
+
+def test_the_readme_main_job(tmp_path: Path, tiny_model: Path) -> None:
+    """`scripts/demo.sh` (the README's main job) serves the seed's two requests; Ctrl-C
+    leaves nothing. Its topology is cpu-tiny.toml on free ports (CONFIG=...)."""
+    from tests.helpers import write_topology
+
+    doc = example_doc("cpu-tiny.toml", tmp_path, tiny_model)
+    config = write_topology(tmp_path / "demo.toml", doc)
+    log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "demo.sh")],
+        env={**os.environ, "CONFIG": str(config)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # like a terminal's foreground job
+    )
+    proxy = f"http://127.0.0.1:{doc['proxy']['port']}"
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            try:
+                return http_get(proxy + "/health", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 900, interval=1, what="demo ready")
+        pids = [
+            p
+            for inst in ("prefill-0", "decode-0")
+            for p in pids_in_group(instance_pid(config, inst))
+        ]
+        for prompt in ("San Francisco is a", "Santa Clara is a"):
+            out = post(
+                proxy + "/v1/completions",
+                {"model": SERVED, "prompt": prompt, "max_tokens": 10, "temperature": 0},
+            )
+            assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] == 10
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+        assert proc.wait(120) == 0
+        assert all_gone(pids, timeout=30)
+        tmps = list((Path(doc["daemon"]["state_dir"]) / "instances").glob("*/tmp/*"))
+        assert tmps == [], tmps
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(120)
+        log.close()
+
+
+def instance_pid(config: Path, name: str) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-m", "disaggd", "status", "--json", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)["instances"]}
+    return int(rows[name]["pid"])
