@@ -605,6 +605,14 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
             if spec.note:
                 reason += f"; {spec.note}"
             yield Problem(f"instance[{idx}].role", reason)
+        if spec.port_env is not None:
+            for where, env in ((f"instance[{idx}].env", inst.env), ("model.env", topo.model.env)):
+                if spec.port_env in env:
+                    yield Problem(
+                        f"{where}.{spec.port_env}",
+                        f"set instance[{idx}].kv_port instead: disaggd derives "
+                        f"{spec.port_env} from it and checks it against every other port",
+                    )
         if (
             not inst.spawned
             and spec.handoff is connectors.Handoff.REQUEST_ID

@@ -446,3 +446,13 @@ def test_socket_paths_that_would_not_fit(tmp_path: Path) -> None:
     doc["instance"][0]["env"] = {"TMPDIR": "/t"}
     doc["instance"][1]["env"] = {"TMPDIR": "/t"}
     parse_config(doc)  # the instances' own TMPDIR is short: fine
+
+
+def test_connector_port_env_is_set_through_kv_port(tmp_path: Path) -> None:
+    doc = minimal()
+    doc["instance"][0]["env"] = {"VLLM_NIXL_SIDE_CHANNEL_PORT": "8200"}
+    lines = problems_of(doc, tmp_path)
+    assert any(
+        "instance[0].env.VLLM_NIXL_SIDE_CHANNEL_PORT: set instance[0].kv_port instead" in x
+        for x in lines
+    )
