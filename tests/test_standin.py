@@ -184,24 +184,8 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Any]:
-    """Start stand-ins; every one is SIGKILLed (whole group) at teardown."""
-    started: list[Standin] = []
-
-    def start(*args: str, env: Mapping[str, str] | None = None, **kw: Any) -> Standin:
-        s = Standin(tmp_path, args, env, **kw)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.kill_all()
-
-
-@pytest.fixture(scope="module")
-def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tmp = tmp_path_factory.mktemp("standin")
+def _spawner(tmp: Path) -> Iterator[Any]:
+    """A `start(*args, env=...)` for stand-ins; each is SIGKILLed (whole group) after."""
     started: list[Standin] = []
 
     def start(*args: str, env: Mapping[str, str] | None = None, **kw: Any) -> Standin:
@@ -212,6 +196,18 @@ def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     yield start
     for s in started:
         s.kill_all()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Start stand-ins for one test."""
+    yield from _spawner(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Start stand-ins shared by the module's tests."""
+    yield from _spawner(tmp_path_factory.mktemp("standin"))
 
 
 @pytest.fixture(scope="module")
