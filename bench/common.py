@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from disaggd import control
+from disaggd.daemon import control
 from tests.daemon_harness import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent

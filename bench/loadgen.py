@@ -47,7 +47,7 @@ from typing import Any
 
 import aiohttp
 
-from disaggd.connectors import prefill_kv_transfer_params
+from disaggd.topology.connectors import prefill_kv_transfer_params
 
 #: The prompt of every request: fixed, so that every way does the same work.
 DEFAULT_PROMPT = (

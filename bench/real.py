@@ -1,7 +1,7 @@
 """Part 3: the real engine on CPU: disaggregated through disaggd against one aggregated vLLM.
 
-Uses ``etc/examples/cpu-tiny.toml`` (1P1D, the tiny model of ``disaggd
-build-tiny-model models/tiny-llama``) with fresh ports and a temporary state
+Uses ``etc/examples/cpu-tiny.toml`` (1P1D, the tiny model of
+``python -m devtools.tinymodel models/tiny-llama``) with fresh ports and a temporary state
 folder. The aggregated baseline is the topology's decode instance started on
 its own without ``--kv-transfer-config`` (same model, arguments and env).
 The two run one after the other, never at once, so that they do not share the CPUs.
@@ -44,8 +44,8 @@ from bench.common import (
 )
 from bench.loadgen import DEFAULT_PROMPT, percentiles
 from disaggd._compat import tomllib
-from disaggd.command import build_child_spec
-from disaggd.config import Role, parse_config
+from disaggd.topology import Role, parse_config
+from disaggd.topology.spec import build_child_spec
 from tests.helpers import free_port, free_ports
 
 TOPOLOGY = ROOT / "etc" / "examples" / "cpu-tiny.toml"
@@ -63,7 +63,7 @@ def unavailable() -> str | None:
         return f"{os.path.relpath(TOPOLOGY, ROOT)} is missing"
     model = _model_path(tomllib.loads(TOPOLOGY.read_text())["model"]["name"])
     if not model.exists():
-        return f"model {model} is missing (python -m disaggd build-tiny-model models/tiny-llama)"
+        return f"model {model} is missing (python -m devtools.tinymodel models/tiny-llama)"
     return None
 
 

@@ -7,7 +7,7 @@
 Writes ``bench/results/<UTC date>-<host>.json`` and ``.png`` and prints a table
 with each target of issue 7 next to its measurement. See bench/README.md.
 
-Every engine is the stand-in (``disaggd.testing.standin``) at 1 ms per token,
+Every engine is the stand-in (``devtools.standin``) at 1 ms per token,
 16 tokens per request; the load generator (`bench.loadgen`) is a separate
 process started for each measurement.
 """
@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "started": started.isoformat(timespec="seconds"),
         "settings": {
-            "engine": "disaggd.testing.standin",
+            "engine": "devtools.standin",
             "token_delay_s": float(STANDIN_ENV["STANDIN_TOKEN_DELAY"]),
             "max_tokens": MAX_TOKENS,
             "quick": args.quick,

@@ -1,4 +1,4 @@
-"""The `disaggd` command line: run | check | reload | status | restart | stop | build-tiny-model.
+"""The `disaggd` command line: run | check | reload | status | restart | stop.
 
 Heavy modules (the daemon, Quart, aiohttp, pydantic models) are imported inside
 the subcommand that needs them, so `disaggd --help` stays fast.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from disaggd import __version__
 
 if TYPE_CHECKING:
-    from disaggd.config import Topology
+    from disaggd.topology import Topology
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -35,7 +35,7 @@ def _default_config() -> Path:
     env = os.environ.get(ENV_CONFIG)
     if env:
         return Path(env)
-    from disaggd.config import DEFAULT_CONFIG_PATH
+    from disaggd.topology import DEFAULT_CONFIG_PATH
 
     return DEFAULT_CONFIG_PATH
 
@@ -94,13 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="drain and stop the daemon")
     with_socket(p)
 
-    p = sub.add_parser(
-        "build-tiny-model",
-        help="write the tiny Llama used by the CPU examples and tests (needs disaggd[cpu])",
-    )
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="rebuild even if complete")
     return parser
 
 
@@ -118,7 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _cmd_control,
         "restart": _cmd_control,
         "stop": _cmd_control,
-        "build-tiny-model": _cmd_build_tiny_model,
     }[args.command]
     try:
         return handler(args)
@@ -128,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load(path: Path | None) -> Topology | int:
     """The topology, or EX_CONFIG after printing every problem to stderr."""
-    from disaggd.config import ConfigError, load_config
+    from disaggd.topology import ConfigError, load_config
 
     try:
         return load_config(path or _default_config())
@@ -140,7 +132,7 @@ def _load(path: Path | None) -> Topology | int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from disaggd.command import build_child_spec
+    from disaggd.topology.spec import build_child_spec
 
     topo = _load(args.config)
     if isinstance(topo, int):
@@ -183,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     topo = _load(args.config)
     if isinstance(topo, int):
         return topo
-    from disaggd.daemon import run_daemon
+    from disaggd.daemon.core import run_daemon
 
     return run_daemon(
         args.config or _default_config(),
@@ -194,7 +186,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
-    from disaggd.control import ControlUnavailable, request, resolve_socket
+    from disaggd.daemon.control import ControlUnavailable, request, resolve_socket
 
     socket_path = resolve_socket(args.socket, args.config or _default_config())
     payload: dict[str, Any] = {"command": args.command}
@@ -218,7 +210,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         return EX_UNAVAILABLE
-    from disaggd.control import render_reply
+    from disaggd.daemon.control import render_reply
 
     text, status = render_reply(args.command, reply, as_json=getattr(args, "json", False))
     stream = sys.stdout if status == EX_OK else sys.stderr
@@ -238,22 +230,3 @@ def _unreadable(config_path: Path) -> str | None:
     except (ValueError, UnicodeDecodeError) as exc:
         return f"{config_path} is not valid TOML: {exc}"
     return None
-
-
-def _cmd_build_tiny_model(args: argparse.Namespace) -> int:
-    from disaggd.tinymodel import build_tiny_model
-
-    try:
-        path = build_tiny_model(args.out, seed=args.seed, force=args.force)
-    except ModuleNotFoundError as exc:
-        print(
-            f"disaggd: build-tiny-model needs torch, transformers and tokenizers "
-            f"(pip install 'disaggd[cpu]'): {exc}",
-            file=sys.stderr,
-        )
-        return EX_FAILURE
-    except FileExistsError as exc:
-        print(f"disaggd: {exc} (use --force to rebuild)", file=sys.stderr)
-        return EX_FAILURE
-    print(path)
-    return EX_OK

@@ -41,7 +41,7 @@ from typing import Any
 __all__ = ["ENV_NIXL_PROGRESS_DELAY_US", "register"]
 
 #: Progress-thread fallback wake-up period for NIXL agents, in microseconds.
-from disaggd.connectors import NIXL_PROGRESS_DELAY_ENV as ENV_NIXL_PROGRESS_DELAY_US
+from disaggd.topology.connectors import NIXL_PROGRESS_DELAY_ENV as ENV_NIXL_PROGRESS_DELAY_US
 
 # A child of vLLM's "vllm" logger, so that lines go through vLLM's handler and
 # format (prefix "(Worker pid=N)", level, file:line) like the rest of its log.

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 VENV=${VENV:-.venv}
 CONFIG=${CONFIG:-etc/examples/cpu-tiny.toml}
-"$VENV/bin/disaggd" build-tiny-model models/tiny-llama >/dev/null
+"$VENV/bin/python" -m devtools.tinymodel models/tiny-llama >/dev/null
 exec "$VENV/bin/disaggd" run -c "$CONFIG" "$@"

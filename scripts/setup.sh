@@ -28,5 +28,9 @@ if [[ ",$EXTRAS," == *",cpu,"* ]]; then
   # (the 1.5.2 metapackage has no cp311 wheel for nixl-cu12).
   "$VENV/bin/python" -m pip install --quiet --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
 fi
+# The repository's development tools (the stand-in engine, the tiny-model builder) are
+# not in the wheel users install: put the checkout on this environment's path instead.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$site/disaggd-devtools.pth"
 rm -f "$VENV"/.disaggd-setup-*
 touch "$stamp"

@@ -9,7 +9,7 @@ scripts/setup.sh
 VENV=${VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"
 echo "== ruff"
-ruff check disaggd tests bench
+ruff check disaggd tests bench devtools
 echo "== mypy"
 mypy
 echo "== pytest"

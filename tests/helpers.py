@@ -18,7 +18,7 @@ from typing import Any
 import tomllib
 
 #: The stand-in engine, as an [engine].command.
-STANDIN_COMMAND = ["{python}", "-m", "disaggd.testing.standin", "serve", "{model}"]
+STANDIN_COMMAND = ["{python}", "-m", "devtools.standin", "serve", "{model}"]
 
 
 def free_port() -> int:

@@ -23,11 +23,11 @@ from typing import Any
 
 import aiohttp
 
-from disaggd.command import build_child_spec
-from disaggd.config import Topology, parse_config
-from disaggd.metrics import Metrics
-from disaggd.proxy import Proxy
-from disaggd.router import Router
+from disaggd.observe.metrics import Metrics
+from disaggd.proxy.router import Router
+from disaggd.proxy.server import Proxy
+from disaggd.topology import Topology, parse_config
+from disaggd.topology.spec import build_child_spec
 from tests.helpers import free_port
 
 MODEL = "standin-model"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from disaggd.backoff import Backoff
-from disaggd.config import SupervisorSection
+from disaggd.supervise.backoff import Backoff
+from disaggd.topology import SupervisorSection
 
 
 def test_delays_grow_and_cap() -> None:

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from disaggd import connectors
 from disaggd.cli import EX_CONFIG, EX_USAGE, main
-from disaggd.command import all_child_specs, build_child_spec
-from disaggd.config import ConfigError, Role, load_config, parse_config
+from disaggd.topology import ConfigError, Role, connectors, load_config, parse_config
+from disaggd.topology.spec import all_child_specs, build_child_spec
 from tests.helpers import dump_toml, short_dir, standin_topology
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from disaggd import health
+from disaggd.supervise import health
 from tests.helpers import free_port
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import structlog
 
-from disaggd import logs
+from disaggd.observe import logs
 
 
 @pytest.fixture(autouse=True)

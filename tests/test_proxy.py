@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from disaggd.config import parse_config
+from disaggd.topology import parse_config
 from tests.helpers import free_port, standin_topology
 from tests.proxy_harness import MODEL, Cluster, serve_proxy, sse_events
 
@@ -509,9 +509,9 @@ async def test_drain_rejects_new_and_finishes_inflight(cluster: Cluster) -> None
 async def test_serve_reports_address_in_use(cluster: Cluster) -> None:
     topo = cluster.topology()
     async with serve_proxy(topo):
-        from disaggd.metrics import Metrics
-        from disaggd.proxy import Proxy
-        from disaggd.router import Router
+        from disaggd.observe.metrics import Metrics
+        from disaggd.proxy.router import Router
+        from disaggd.proxy.server import Proxy
 
         other = Proxy(topo, Router(topo), Metrics())
 

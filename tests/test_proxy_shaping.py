@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from disaggd import proxy as px
-from disaggd.metrics import Metrics
+from disaggd.observe.metrics import Metrics
+from disaggd.proxy import server as px
 from tests.proxy_harness import metric_value, sse_events
 
 C, CHAT = px.COMPLETIONS, px.CHAT

@@ -6,8 +6,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from disaggd.config import parse_config
-from disaggd.reload import diff, fingerprint
+from disaggd.topology import parse_config
+from disaggd.topology.plan import diff, fingerprint
 from tests.helpers import standin_topology
 
 
@@ -98,7 +98,7 @@ async def test_a_stop_during_a_reload_abandons_it_without_failing_the_daemon(
     # SIGHUP then SIGTERM: the supervisor refuses the reload's restart once shutdown
     # began; the reload must give up quietly, not kill the daemon's task group (exit 1,
     # in-flight requests cut before their drain).
-    from disaggd.daemon import Daemon
+    from disaggd.daemon.core import Daemon
     from tests.helpers import write_topology
 
     doc = standin_topology(tmp_path)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from disaggd.config import Role, Topology, parse_config
-from disaggd.router import Router, Upstream
+from disaggd.proxy.router import Router, Upstream
+from disaggd.topology import Role, Topology, parse_config
 from tests.helpers import standin_topology
 
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from disaggd.connectors import prefill_kv_transfer_params
-from disaggd.testing.standin import (
+from devtools.standin import (
     Faults,
     UsageError,
     completion_text,
     parse_args,
 )
+from disaggd.topology.connectors import prefill_kv_transfer_params
 from tests.helpers import free_port, free_ports, pid_alive, wait_for
 
 # -- harness -----------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ class Standin:
         self.out_path = tmp / f"standin-{self.port}.out"
         self.err_path = tmp / f"standin-{self.port}.err"
         head = ["serve", model] if style == "serve" else ["--model", model]
-        argv = [sys.executable, "-m", "disaggd.testing.standin", *head]
+        argv = [sys.executable, "-m", "devtools.standin", *head]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         full_env = {**os.environ, "STANDIN_ACCESS_LOG": "0", **(env or {})}
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from disaggd.states import TRANSITIONS, IllegalTransition, ProcessState, check_transition
+from disaggd.supervise.states import TRANSITIONS, IllegalTransition, ProcessState, check_transition
 
 S = ProcessState
 

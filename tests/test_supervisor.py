@@ -28,11 +28,11 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from disaggd import guardian
-from disaggd.command import build_child_spec
-from disaggd.config import Topology, parse_config
-from disaggd.states import ProcessState
-from disaggd.supervisor import InstanceStatus, Supervisor, read_lines
+from disaggd.supervise import guardian
+from disaggd.supervise.states import ProcessState
+from disaggd.supervise.supervisor import InstanceStatus, Supervisor, read_lines
+from disaggd.topology import Topology, parse_config
+from disaggd.topology.spec import build_child_spec
 from tests.helpers import (
     async_wait_for,
     free_port,
@@ -441,7 +441,7 @@ async def test_a_group_that_survives_sigkill_is_fatal_not_restarted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process stuck in the kernel (D state) cannot be simulated unprivileged: pretend."""
-    import disaggd.supervisor as mod
+    import disaggd.supervise.supervisor as mod
 
     topo = make_topo(tmp_path, supervisor={"stop_grace": 0.5})
     with capture_logs() as logs:
@@ -550,7 +550,7 @@ async def test_remote_instance_is_probed_never_spawned_never_fatal(
     doc["instance"][1] = {"name": "decode-0", "role": "decode", "url": f"http://127.0.0.1:{port}"}
     topo = parse_config(doc, tmp_path / "disaggd.toml")
     rec = Recorder()
-    argv = [sys.executable, "-m", "disaggd.testing.standin", "serve", "m", "--port", str(port)]
+    argv = [sys.executable, "-m", "devtools.standin", "serve", "m", "--port", str(port)]
     argv += ["--host", "127.0.0.1"]
     remote: subprocess.Popen[bytes] | None = None
     try:
@@ -642,9 +642,9 @@ async def test_add_restart_remove_and_update_topology(tmp_path: Path) -> None:
 
 HARNESS = """
 import asyncio, json, sys
-from disaggd import logs
-from disaggd.config import load_config
-from disaggd.supervisor import Supervisor
+from disaggd.observe import logs
+from disaggd.topology import load_config
+from disaggd.supervise.supervisor import Supervisor
 
 async def main() -> None:
     logs.configure("logfmt", "info", stream=sys.stderr)

@@ -23,7 +23,7 @@ def digests(folder: Path) -> dict[str, str]:
 def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     for name in ("a", "b"):
         proc = subprocess.run(
-            [sys.executable, "-m", "disaggd", "build-tiny-model", str(tmp_path / name)],
+            [sys.executable, "-m", "devtools.tinymodel", str(tmp_path / name)],
             capture_output=True,
             text=True,
             timeout=300,
@@ -38,7 +38,7 @@ def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
 
 
 def test_another_seed_gives_other_weights(tmp_path: Path) -> None:
-    from disaggd.tinymodel import build_tiny_model
+    from devtools.tinymodel import build_tiny_model
 
     a = build_tiny_model(tmp_path / "s0", seed=0)
     b = build_tiny_model(tmp_path / "s1", seed=1)

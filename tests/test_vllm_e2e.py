@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from disaggd._compat import tomllib
-from disaggd.proxy import kv_verdict
+from disaggd.proxy.server import kv_verdict
 from tests.daemon_harness import DaemonProcess, all_gone, http_get, http_post
 from tests.helpers import free_ports, short_dir, wait_for
 
@@ -58,7 +58,7 @@ def long_prompt() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from disaggd.tinymodel import build_tiny_model
+    from devtools.tinymodel import build_tiny_model
 
     return build_tiny_model(MODEL_DIR)
 

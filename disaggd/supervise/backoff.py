@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from disaggd.config import SupervisorSection
+from disaggd.topology import SupervisorSection
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,11 @@ import hypercorn.config
 import quart
 from yarl import URL
 
-from disaggd import connectors
-from disaggd.config import ProxySection, Role, Topology
-from disaggd.connectors import Handoff
-from disaggd.logs import get_logger
-from disaggd.metrics import Metrics
-from disaggd.router import Router, Upstream
+from disaggd.observe.logs import get_logger
+from disaggd.observe.metrics import Metrics
+from disaggd.proxy.router import Router, Upstream
+from disaggd.topology import ProxySection, Role, Topology, connectors
+from disaggd.topology.connectors import Handoff
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"

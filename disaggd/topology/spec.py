@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from disaggd import connectors
-from disaggd.config import InstanceSection, Topology
+from disaggd.topology import connectors
+from disaggd.topology.schema import InstanceSection, Topology
 
 _DETAILS_FLAG = "--enable-prompt-tokens-details"
 

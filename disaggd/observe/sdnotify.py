@@ -16,7 +16,7 @@ import os
 import socket
 import time
 
-from disaggd.logs import get_logger
+from disaggd.observe.logs import get_logger
 
 log = get_logger("disaggd.sdnotify")
 

@@ -2,10 +2,10 @@
 
 Run it like vLLM::
 
-    python -m disaggd.testing.standin serve MODEL --host H --port P \\
+    python -m devtools.standin serve MODEL --host H --port P \\
         [--served-model-name N ...] [--max-model-len N] [--kv-transfer-config JSON] \\
         [--shutdown-timeout S] [--max-num-seqs N] [any other vllm flag, ignored]
-    python -m disaggd.testing.standin --model MODEL ...     # api_server style
+    python -m devtools.standin --model MODEL ...     # api_server style
 
 It binds only after the (optional) start delay, forks a ``VLLM::EngineCore``
 grandchild that survives a SIGKILL of the API server, prints vLLM-like log
@@ -58,7 +58,7 @@ SIGTERM/SIGINT: new requests get 503 and ``/health`` 503; with
 once without it) they end early with HTTP 200, finish_reason "abort" and fewer
 tokens; the engine child is stopped; exit 0. A second signal exits at once.
 
-The KV handshake follows the ``kv_connector`` (see disaggd.connectors):
+The KV handshake follows the ``kv_connector`` (see disaggd.topology.connectors):
 ``kv_transfer_params`` signed with an HMAC of the prompt (NIXL, Mooncake),
 request-id addressing (P2pNccl), or files in ``shared_storage_path``
 (ExampleConnector & co). Each generation request gets a verdict: "prefill",
@@ -1777,7 +1777,7 @@ def _fail_start(args: Args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m disaggd.testing.standin``; returns the exit status."""
+    """Entry point of ``python -m devtools.standin``; returns the exit status."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
@@ -1785,7 +1785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__doc__)
             return 0
         print(
-            f"usage: python -m disaggd.testing.standin serve MODEL [options]\nerror: {exc}",
+            f"usage: python -m devtools.standin serve MODEL [options]\nerror: {exc}",
             file=sys.stderr,
         )
         return 2

@@ -31,7 +31,7 @@ torch, transformers, tokenizers and safetensors are imported inside
 
 Usage::
 
-    python -m disaggd.tinymodel OUT_DIR [--seed N] [--force]
+    python -m devtools.tinymodel OUT_DIR [--seed N] [--force]
 """
 
 from __future__ import annotations
@@ -355,14 +355,14 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, force: bool = False) -> Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m disaggd.tinymodel OUT_DIR [--seed N] [--force]``.
+    """Command line: ``python -m devtools.tinymodel OUT_DIR [--seed N] [--force]``.
 
     Prints the folder's path on stdout. Returns 0; 1 when the folder exists and is
     not a complete tiny model built with these parameters (without ``--force``); 2 when
     torch, transformers, tokenizers or safetensors is missing.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m disaggd.tinymodel",
+        prog="python -m devtools.tinymodel",
         description="Build a tiny random Llama model folder (offline, deterministic).",
     )
     parser.add_argument("out_dir", type=Path, help="model folder to create")

@@ -2,7 +2,7 @@
 
 One `Supervisor` runs every instance of a topology inside the daemon's event
 loop. Each instance has one runner task (owned by the supervisor's task group)
-that walks it through the states of `disaggd.states`:
+that walks it through the states of `disaggd.supervise.states`:
 
 * spawned instances: check their ports, spawn the child in its own session
   (process group), poll ``GET /health`` until 200 (STARTING → RUNNING), probe it
@@ -19,7 +19,7 @@ SIGKILL of its parent (vllm #55510):
 * the daemon is a child subreaper, so an orphaned grandchild is reparented to
   it and reaped here (``waitid(P_PGID)``, only once the group leader has been
   reaped by asyncio, so that its exit status is not stolen);
-* a guardian process (`disaggd.guardian`) kills every registered group if the
+* a guardian process (`disaggd.supervise.guardian`) kills every registered group if the
   daemon dies without cleaning up (SIGKILL reaches only direct children);
 * before any restart and at stop, the old group must be empty.
 
@@ -52,13 +52,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from disaggd import connectors, guardian, health
 from disaggd._compat import TaskGroup
-from disaggd.backoff import Backoff
-from disaggd.command import ChildSpec, build_child_spec
-from disaggd.config import InstanceSection, SupervisorSection, Topology
-from disaggd.logs import child_level, get_logger
-from disaggd.states import TRANSITIONS, ProcessState, check_transition
+from disaggd.observe.logs import child_level, get_logger
+from disaggd.supervise import guardian, health
+from disaggd.supervise.backoff import Backoff
+from disaggd.supervise.states import TRANSITIONS, ProcessState, check_transition
+from disaggd.topology import InstanceSection, SupervisorSection, Topology, connectors
+from disaggd.topology.spec import ChildSpec, build_child_spec
 
 log = get_logger(__name__)
 
@@ -380,7 +380,7 @@ class _Instance:
 
 
 class _Guardian:
-    """The daemon's end of the pipe to `disaggd.guardian`."""
+    """The daemon's end of the pipe to `disaggd.supervise.guardian`."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
@@ -758,7 +758,7 @@ class Supervisor:
         """The one way an instance changes state: check the edge, log it, tell listeners.
 
         Raises:
-            IllegalTransition: the edge is not in `disaggd.states.TRANSITIONS`.
+            IllegalTransition: the edge is not in `disaggd.supervise.states.TRANSITIONS`.
         """
         old = rec.state
         check_transition(old, new)

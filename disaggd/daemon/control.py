@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from disaggd.logs import get_logger
+from disaggd.observe.logs import get_logger
 
 log = get_logger("disaggd.control")
 
@@ -156,7 +156,7 @@ def resolve_socket(explicit: Path | None, config_path: Path) -> Path:
     if explicit is not None:
         return explicit
     from disaggd._compat import tomllib
-    from disaggd.config import DaemonSection
+    from disaggd.topology import DaemonSection
 
     default = DaemonSection.model_fields["control_socket"].default
     try:

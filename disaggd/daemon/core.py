@@ -18,17 +18,17 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from disaggd import logs
 from disaggd._compat import ExceptionGroup, TaskGroup
-from disaggd.config import ConfigError, Role, Topology, load_config
-from disaggd.control import ControlServer, ControlSocketInUse
-from disaggd.metrics import Metrics
-from disaggd.proxy import Proxy
-from disaggd.reload import ReloadPlan, diff, fingerprint
-from disaggd.router import Router
-from disaggd.sdnotify import Notifier, watchdog_interval
-from disaggd.states import ProcessState
-from disaggd.supervisor import InstanceStatus, Supervisor, port_in_use
+from disaggd.daemon.control import ControlServer, ControlSocketInUse
+from disaggd.observe import logs
+from disaggd.observe.metrics import Metrics
+from disaggd.observe.sdnotify import Notifier, watchdog_interval
+from disaggd.proxy.router import Router
+from disaggd.proxy.server import Proxy
+from disaggd.supervise.states import ProcessState
+from disaggd.supervise.supervisor import InstanceStatus, Supervisor, port_in_use
+from disaggd.topology import ConfigError, Role, Topology, load_config
+from disaggd.topology.plan import ReloadPlan, diff, fingerprint
 
 log = logs.get_logger("disaggd.daemon")
 
@@ -485,8 +485,8 @@ class Daemon:
         raw = self.topo.kv_transfer.extra_config.get("shared_storage_path")
         if not isinstance(raw, str):
             return
-        from disaggd.command import placeholders
-        from disaggd.connectors import expand
+        from disaggd.topology.connectors import expand
+        from disaggd.topology.spec import placeholders
 
         path = Path(expand(raw, placeholders(self.topo))).resolve()
         state = self.topo.daemon.state_dir.resolve()

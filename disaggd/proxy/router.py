@@ -25,8 +25,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
-from disaggd import connectors
-from disaggd.config import InstanceSection, Role, Topology
+from disaggd.topology import InstanceSection, Role, Topology, connectors
 
 Policy = Literal["least_outstanding", "round_robin"]
 

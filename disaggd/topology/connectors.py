@@ -25,7 +25,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from disaggd.config import InstanceSection, KVTransferSection, Topology
+    from disaggd.topology.schema import InstanceSection, KVTransferSection, Topology
 
 CUSTOM = "<custom>"
 

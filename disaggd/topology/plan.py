@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from disaggd.command import build_child_spec
-from disaggd.config import InstanceSection, Topology
+from disaggd.topology.schema import InstanceSection, Topology
+from disaggd.topology.spec import build_child_spec
 
 
 def fingerprint(topo: Topology, inst: InstanceSection) -> tuple[Any, ...]:

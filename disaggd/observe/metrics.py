@@ -182,7 +182,7 @@ class Metrics:
         self._states: dict[str, str] = {}
 
     def observe_instance(self, name: str, role: str, state: str) -> None:
-        """Record that instance `name` entered process `state` (disaggd.states names).
+        """Record that instance `name` entered process `state` (disaggd.supervise.states names).
 
         Every state an instance has been in stays exported (at 0), so a query
         for ``state="FATAL"`` finds 0 rather than nothing.

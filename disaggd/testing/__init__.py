@@ -1,1 +1,0 @@
-"""Test doubles shipped with disaggd (stand-in engine)."""
