@@ -45,7 +45,7 @@ from bench.common import (
 from bench.loadgen import DEFAULT_PROMPT, percentiles
 from disaggd._compat import tomllib
 from disaggd.topology import Role, parse_config
-from disaggd.topology.spec import build_child_spec
+from disaggd.topology.spec import build_spec
 from tests.helpers import free_port, free_ports
 
 TOPOLOGY = ROOT / "etc" / "examples" / "cpu-tiny.toml"
@@ -96,7 +96,7 @@ def topology(tmp: Path) -> dict[str, Any]:
 def aggregated(tmp: Path, doc: Mapping[str, Any]) -> Any:
     """One vLLM instance like the topology's decode, without a KV connector; yields its URL."""
     topo = parse_config(doc, tmp / "disaggd.toml")
-    spec = build_child_spec(topo, topo.by_role(Role.DECODE)[0])
+    spec = build_spec(topo, topo.by_role(Role.DECODE)[0])
     argv = list(spec.argv)
     i = argv.index("--kv-transfer-config")
     del argv[i : i + 2]

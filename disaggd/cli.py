@@ -132,7 +132,7 @@ def _load(path: Path | None) -> Topology | int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from disaggd.topology.spec import build_child_spec
+    from disaggd.topology.spec import build_spec
 
     topo = _load(args.config)
     if isinstance(topo, int):
@@ -141,7 +141,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for inst in topo.instances:
         row: dict[str, Any] = {"name": inst.name, "role": inst.role.value, "url": inst.base_url}
         if inst.spawned:
-            spec = build_child_spec(topo, inst)
+            spec = build_spec(topo, inst)
             row.update(argv=list(spec.argv), env=dict(spec.env), shell=spec.shell())
         else:
             row["remote"] = True

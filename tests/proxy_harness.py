@@ -27,7 +27,7 @@ from disaggd.observe.metrics import Metrics
 from disaggd.proxy.router import Router
 from disaggd.proxy.server import Proxy
 from disaggd.topology import Topology, parse_config
-from disaggd.topology.spec import build_child_spec
+from disaggd.topology.spec import build_spec
 from tests.helpers import free_port
 
 MODEL = "standin-model"
@@ -47,7 +47,7 @@ class Cluster:
         for inst in self.base_topo.instances:
             if not inst.spawned:
                 continue
-            spec = build_child_spec(self.base_topo, inst)
+            spec = build_spec(self.base_topo, inst)
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.tmpdir.mkdir(parents=True, exist_ok=True)
             env = {
@@ -81,7 +81,7 @@ class Cluster:
                 time.sleep(0.05)
 
     def output(self, name: str) -> str:
-        spec = build_child_spec(self.base_topo, self.base_topo.instance(name))
+        spec = build_spec(self.base_topo, self.base_topo.instance(name))
         path = spec.workdir / "output.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 

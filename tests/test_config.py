@@ -13,7 +13,7 @@ import pytest
 
 from disaggd.cli import EX_CONFIG, EX_USAGE, main
 from disaggd.topology import ConfigError, Role, connectors, load_config, parse_config
-from disaggd.topology.spec import all_child_specs, build_child_spec
+from disaggd.topology.spec import build_spec, build_specs
 from tests.helpers import dump_toml, short_dir, standin_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ def test_unknown_connector_and_custom(tmp_path: Path) -> None:
         )
     )
     assert topo.connector.handoff is connectors.Handoff.KV_TRANSFER_PARAMS
-    cfg = json.loads(build_child_spec(topo, topo.instances[0]).argv[-1])
+    cfg = json.loads(build_spec(topo, topo.instances[0]).argv[-1])
     assert cfg["kv_connector_module_path"] == "my.module"
 
 
@@ -215,7 +215,10 @@ def test_remote_instance_is_not_spawned(tmp_path: Path) -> None:
     topo = parse_config(doc)
     remote = topo.instance("d-remote")
     assert not remote.spawned and remote.base_url == "http://10.0.0.12:8200"
-    assert [s.name for s in all_child_specs(topo)] == ["p0", "d0"]
+    specs = build_specs(topo)
+    assert [s.name for s in specs.values() if s.spawned] == ["p0", "d0"]
+    assert specs["d-remote"].argv == () and specs["d-remote"].ports == ()
+    assert specs["d-remote"].base_url == "http://10.0.0.12:8200"
     doc["instance"][-1]["gpus"] = [3]
     lines = problems_of(doc, tmp_path)
     assert any(
@@ -306,7 +309,7 @@ def test_user_args_and_env_come_last(tmp_path: Path) -> None:
     doc = minimal(model={"name": "m", "args": ["--a", "1"], "env": {"X": "model", "Y": "model"}})
     doc["instance"][0].update(args=["--a", "2"], env={"Y": "inst", "TMPDIR": "/x"}, gpus=[2, 3])
     topo = parse_config(doc)
-    spec = build_child_spec(topo, topo.instances[0])
+    spec = build_spec(topo, topo.instances[0])
     assert spec.argv[-2:] == ("--a", "2")
     assert spec.argv.index("--kv-transfer-config") > spec.argv.index("--a")
     assert spec.env["X"] == "model" and spec.env["Y"] == "inst"
@@ -317,7 +320,7 @@ def test_user_args_and_env_come_last(tmp_path: Path) -> None:
 
 def test_nixl_env_and_engine_id() -> None:
     topo = parse_config(minimal())
-    specs = all_child_specs(topo)
+    specs = build_specs(topo).values()
     ports = {s.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for s in specs}
     assert ports == {"5600", "5601"}
     for spec in specs:
@@ -330,7 +333,7 @@ def test_nixl_env_and_engine_id() -> None:
 def test_placeholders_and_state_dir(tmp_path: Path) -> None:
     doc = standin_topology(tmp_path, connector="ExampleConnector")
     topo = parse_config(doc)
-    spec = build_child_spec(topo, topo.instances[0])
+    spec = build_spec(topo, topo.instances[0])
     assert spec.argv[0] == sys.executable
     kv = json.loads(spec.argv[spec.argv.index("--kv-transfer-config") + 1])
     state = Path(doc["daemon"]["state_dir"])
@@ -405,18 +408,19 @@ def test_version() -> None:
 
 def test_kv_check_asks_decodes_for_their_cached_tokens() -> None:
     topo = parse_config(minimal())
-    p0, d0 = (build_child_spec(topo, i) for i in topo.instances)
+    p0, d0 = (build_spec(topo, i) for i in topo.instances)
     assert "--enable-prompt-tokens-details" in d0.argv
     assert "--enable-prompt-tokens-details" not in p0.argv
     topo = parse_config(minimal(kv_transfer={"connector": "NixlConnector", "check": False}))
-    assert "--enable-prompt-tokens-details" not in build_child_spec(topo, topo.instances[1]).argv
+    assert "--enable-prompt-tokens-details" not in build_spec(topo, topo.instances[1]).argv
 
 
 def test_nixl_on_cpu_tames_the_progress_thread() -> None:
     topo = parse_config(minimal(kv_transfer={"connector": "NixlConnector", "buffer_device": "cpu"}))
-    assert all(s.env[connectors.NIXL_PROGRESS_DELAY_ENV] == "1000" for s in all_child_specs(topo))
+    specs = build_specs(topo).values()
+    assert all(s.env[connectors.NIXL_PROGRESS_DELAY_ENV] == "1000" for s in specs)
     topo = parse_config(minimal())
-    assert all(connectors.NIXL_PROGRESS_DELAY_ENV not in s.env for s in all_child_specs(topo))
+    assert all(connectors.NIXL_PROGRESS_DELAY_ENV not in s.env for s in build_specs(topo).values())
 
 
 def test_relative_model_path_is_anchored_at_the_file(tmp_path: Path) -> None:

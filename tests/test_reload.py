@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from disaggd.topology import parse_config
-from disaggd.topology.plan import diff, fingerprint
+from disaggd.topology.plan import diff
+from disaggd.topology.spec import InstanceSpec, build_specs
 from tests.helpers import standin_topology
 
 
-def running_of(doc: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
-    topo = parse_config(doc)
-    return {i.name: fingerprint(topo, i) for i in topo.instances}
+def running_of(doc: dict[str, Any]) -> dict[str, InstanceSpec]:
+    return build_specs(parse_config(doc))
 
 
 def test_identical_topology_is_an_empty_plan(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from disaggd.supervise import guardian
 from disaggd.supervise.states import ProcessState
 from disaggd.supervise.supervisor import InstanceStatus, Supervisor, read_lines
 from disaggd.topology import Topology, parse_config
-from disaggd.topology.spec import build_child_spec
+from disaggd.topology.spec import build_spec
 from tests.helpers import (
     async_wait_for,
     free_port,
@@ -514,7 +514,7 @@ async def test_port_in_use_is_a_clear_fatal_error_without_a_spawn_loop(tmp_path:
 
 async def test_tmpdir_is_emptied_after_each_exit_and_caches_are_kept(tmp_path: Path) -> None:
     topo = make_topo(tmp_path)
-    spec = build_child_spec(topo, topo.instance("decode-0"))
+    spec = build_spec(topo, topo.instance("decode-0"))
     cache = topo.daemon.state_dir / "cache" / "vllm" / "kept"
     rec = Recorder()
     rec.on_state[("decode-0", S.BACKOFF)] = lambda _st: sorted(os.listdir(spec.tmpdir))

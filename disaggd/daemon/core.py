@@ -28,7 +28,8 @@ from disaggd.proxy.server import Proxy
 from disaggd.supervise.states import ProcessState
 from disaggd.supervise.supervisor import InstanceStatus, Supervisor, port_in_use
 from disaggd.topology import ConfigError, Role, Topology, load_config
-from disaggd.topology.plan import ReloadPlan, diff, fingerprint
+from disaggd.topology.plan import ReloadPlan, diff
+from disaggd.topology.spec import InstanceSpec, build_spec, build_specs
 
 log = logs.get_logger("disaggd.daemon")
 
@@ -76,9 +77,7 @@ class Daemon:
         # What the daemon started with: a reload cannot move the proxy's address nor
         # change logging (reload.diff says so).
         self._started_topo = topo
-        self._running: dict[str, tuple[Any, ...]] = {
-            inst.name: fingerprint(topo, inst) for inst in topo.instances
-        }
+        self._running: dict[str, InstanceSpec] = build_specs(topo)
 
     @property
     def _proxy_url(self) -> str:
@@ -349,7 +348,7 @@ class Daemon:
         failed = await self._rolling_restart(new, plan, drain, notes)
         for name in plan.added:
             await self.supervisor.add(new.instance(name), new)
-            self._running[name] = fingerprint(new, new.instance(name))
+            self._running[name] = build_spec(new, new.instance(name))
         if plan.added:
             ok = await self.supervisor.wait_ready(plan.added, timeout=new.supervisor.start_timeout)
             if not ok:
@@ -375,7 +374,7 @@ class Daemon:
             self.router.commit(name)  # its new address, if it changed (not ready yet)
             ok = await self.supervisor.restart(name, inst, new, wait=True)
             self.router.set_draining(name, False)
-            self._running[name] = fingerprint(new, inst)
+            self._running[name] = build_spec(new, inst)
             if not ok:
                 left = plan.restarted[idx + 1 :]
                 notes.append(

@@ -57,8 +57,8 @@ from disaggd.observe.logs import child_level, get_logger
 from disaggd.supervise import guardian, health
 from disaggd.supervise.backoff import Backoff
 from disaggd.supervise.states import TRANSITIONS, ProcessState, check_transition
-from disaggd.topology import InstanceSection, SupervisorSection, Topology, connectors
-from disaggd.topology.spec import ChildSpec, build_child_spec
+from disaggd.topology import InstanceSection, SupervisorSection, Topology
+from disaggd.topology.spec import InstanceSpec, build_spec
 
 log = get_logger(__name__)
 
@@ -177,18 +177,6 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError as exc:
             return exc.errno == errno.EADDRINUSE
     return False
-
-
-def instance_ports(topo: Topology, inst: InstanceSection) -> tuple[tuple[str, int], ...]:
-    """The ports a spawned instance binds on its host, as (kind, port)."""
-    ports: list[tuple[str, int]] = []
-    if inst.port is not None:
-        ports.append(("HTTP", inst.port))
-    spec = topo.connector
-    if spec.port_kind is not None and inst.kv_port is not None:
-        width = connectors.kv_port_width(spec, inst.args, topo.model.args)
-        ports.extend((spec.port_kind, inst.kv_port + k) for k in range(width))
-    return tuple(ports)
 
 
 def _empty_dir(path: Path) -> None:
@@ -343,8 +331,7 @@ class _Instance:
 
     def __init__(self, inst: InstanceSection, topo: Topology, now: float) -> None:
         self.inst = inst
-        self.spec: ChildSpec | None = None
-        self.ports: tuple[tuple[str, int], ...] = ()
+        self.spec: InstanceSpec = build_spec(topo, inst)
         self.compose(inst, topo)
         self.state = _S.STOPPED
         self.since = now
@@ -364,12 +351,7 @@ class _Instance:
 
     def compose(self, inst: InstanceSection, topo: Topology) -> None:
         self.inst = inst
-        if inst.spawned:
-            self.spec = build_child_spec(topo, inst)
-            self.ports = instance_ports(topo, inst)
-        else:
-            self.spec = None
-            self.ports = ()
+        self.spec = build_spec(topo, inst)
 
     @property
     def name(self) -> str:
@@ -889,7 +871,8 @@ class Supervisor:
     async def _life(self, rec: _Instance) -> _End:
         """One start of a spawned instance, until it ends for any reason; the group is gone."""
         spec = rec.spec
-        assert spec is not None and rec.stop_requested is not None
+        assert spec.workdir is not None and spec.tmpdir is not None
+        assert rec.stop_requested is not None
         try:
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.tmpdir.mkdir(parents=True, exist_ok=True)
@@ -947,7 +930,7 @@ class Supervisor:
         host = rec.inst.host
         deadline = self._clock() + self._port_wait
         while True:
-            busy = [(kind, port) for kind, port in rec.ports if port_in_use(host, port)]
+            busy = [(kind, port) for kind, port in rec.spec.ports if port_in_use(host, port)]
             if not busy:
                 return None
             what = ", ".join(f"port {port} ({kind})" for kind, port in busy)
@@ -959,7 +942,7 @@ class Supervisor:
             if rec.stopping():
                 return None
 
-    async def _spawn(self, rec: _Instance, spec: ChildSpec) -> _Child:
+    async def _spawn(self, rec: _Instance, spec: InstanceSpec) -> _Child:
         assert self._tg is not None
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[int] = loop.create_future()

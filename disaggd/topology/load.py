@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from disaggd._compat import tomllib
 from disaggd.topology import connectors
 from disaggd.topology.schema import Role, Topology
+from disaggd.topology.spec import bound_ports
 
 #: Where `disaggd run` looks for its topology when ``-c`` is not given.
 DEFAULT_CONFIG_PATH = Path("/etc/disaggd/disaggd.toml")
@@ -308,29 +309,23 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
 
 
 def _port_problems(topo: Topology) -> Iterator[Problem]:
-    """Every port this host will bind must be distinct (HTTP, KV/side channel, proxy)."""
+    """Every port this host will bind must be distinct (HTTP, KV/side channel, proxy).
+
+    The ports are `bound_ports`, the same ones the supervisor checks before a spawn.
+    """
     owners: dict[int, str] = {topo.proxy.port: "proxy.port (the proxy)"}
-    spec = topo.connector
     for idx, inst in enumerate(topo.instances):
         if not inst.spawned:
             continue
-        ports: list[tuple[str, int]] = []
-        if inst.port is not None:
-            ports.append(("port", inst.port))
-        if inst.kv_port is not None and spec.port_kind is not None:
-            width = connectors.kv_port_width(spec, inst.args, topo.model.args)
-            ports.extend(("kv_port", inst.kv_port + k) for k in range(width))
-        for key, port in ports:
-            label = f"instance[{idx}].{key}"
+        for kind, port in bound_ports(topo, inst):
+            label = f"instance[{idx}].{'port' if kind == 'HTTP' else 'kv_port'}"
             if port in owners:
                 yield Problem(
                     label,
-                    f"port {port} ({spec.port_kind if key == 'kv_port' else 'HTTP'}) of "
-                    f"'{inst.name}' is already used by {owners[port]}",
+                    f"port {port} ({kind}) of '{inst.name}' is already used by {owners[port]}",
                 )
             else:
-                kind = spec.port_kind if key == "kv_port" else "HTTP port"
-                owners[port] = f"{label} ({inst.name} {kind})"
+                owners[port] = f"{label} ({inst.name} {'HTTP port' if kind == 'HTTP' else kind})"
 
 
 #: A Unix socket path holds at most this many bytes (sockaddr_un.sun_path, less the NUL).

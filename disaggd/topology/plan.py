@@ -9,18 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from disaggd.topology.schema import InstanceSection, Topology
-from disaggd.topology.spec import build_child_spec
-
-
-def fingerprint(topo: Topology, inst: InstanceSection) -> tuple[Any, ...]:
-    """What decides whether an instance must restart: its role and exact argv/env or url."""
-    if not inst.spawned:
-        return ("remote", inst.role.value, inst.url, inst.kv_host, inst.kv_port)
-    spec = build_child_spec(topo, inst)
-    return ("spawned", inst.role.value, spec.argv, tuple(sorted(spec.env.items())))
+from disaggd.topology.schema import Topology
+from disaggd.topology.spec import InstanceSpec, build_specs
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,7 @@ _NEEDS_RESTART = (
 
 
 def diff(
-    running: Mapping[str, tuple[Any, ...]],
+    running: Mapping[str, InstanceSpec],
     new: Topology,
     old: Topology,
     started: Topology | None = None,
@@ -77,14 +68,15 @@ def diff(
     """Compare what runs now with `new`.
 
     Args:
-        running: instance name -> `fingerprint` of what that instance runs now
-            (after a partly failed reload this differs from `old`).
+        running: instance name -> the `InstanceSpec` that instance runs now (after a
+            partly failed reload this differs from `old`'s); an instance restarts
+            exactly when its spec differs.
         new: the freshly loaded topology.
         old: the topology the daemon's settings come from now.
         started: the topology the daemon started with (default `old`): what
             ``needs_restart`` compares, since a reload never applies those keys.
     """
-    new_fps = {inst.name: fingerprint(new, inst) for inst in new.instances}
+    new_fps = build_specs(new)
     kept = tuple(n for n in new_fps if n in running and running[n] == new_fps[n])
     restarted = tuple(n for n in new_fps if n in running and running[n] != new_fps[n])
     added = tuple(n for n in new_fps if n not in running)

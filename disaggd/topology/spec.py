@@ -1,7 +1,9 @@
-"""Child command composition: the exact argv and env of every spawned instance.
+"""The one representation of an instance: `InstanceSpec`, built once per topology.
 
-This is the one place that turns a topology into `vllm serve` command lines.
-`disaggd check` prints what it returns; the supervisor executes it.
+Everything else reads it: `disaggd check` prints its argv and env, the supervisor
+spawns it and checks its ports before each start, validation checks the same ports
+for clashes, the router builds its upstream from its addresses, and a reload's
+fingerprint is plain spec equality (`disaggd.topology.plan`).
 """
 
 from __future__ import annotations
@@ -10,34 +12,56 @@ import json
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from disaggd.topology import connectors
-from disaggd.topology.schema import InstanceSection, Topology
+from disaggd.topology.schema import InstanceSection, Role, Topology
 
 _DETAILS_FLAG = "--enable-prompt-tokens-details"
 
 
 @dataclass(frozen=True)
-class ChildSpec:
-    """How to start one instance.
+class InstanceSpec:
+    """One instance as the daemon runs it: spawned (argv, env, dirs, ports) or remote (url).
+
+    Two specs are equal exactly when going from one to the other needs a restart:
+    that is the reload's fingerprint.
 
     Attributes:
         name: instance name.
-        role: "prefill" or "decode".
-        argv: the full command line.
+        role: prefill (KV producer) or decode (KV consumer).
+        base_url: ``http://host:port`` of its OpenAI server (what the proxy and the
+            health probes connect to).
+        kv_address: ``host:port`` of its KV endpoint when it has a KV port (P2pNccl
+            request-id addressing), else None.
+        host: the address it binds (spawned) or its URL's host (remote).
+        port: its HTTP port (None when a remote URL names none).
+        argv: the full command line; empty for a remote instance.
         env: variables set on top of the daemon's own environment (user env last).
-        workdir: the instance's working folder (cwd), kept across restarts.
-        tmpdir: its TMPDIR, emptied when the instance exits.
+        workdir: its working folder (cwd), kept across restarts; None when remote.
+        tmpdir: its TMPDIR, emptied whenever it exits; None when remote.
+        ports: ``(kind, port)`` pairs it binds on `host`: ``HTTP`` first, then the
+            connector's own (``NIXL side channel``, ...); empty when remote.
     """
 
     name: str
-    role: str
-    argv: tuple[str, ...]
-    env: Mapping[str, str]
-    workdir: Path
-    tmpdir: Path
+    role: Role
+    base_url: str
+    kv_address: str | None
+    host: str
+    port: int | None
+    argv: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: Path | None = None
+    tmpdir: Path | None = None
+    ports: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def spawned(self) -> bool:
+        """True when this daemon starts the process (it has a command line)."""
+        return bool(self.argv)
 
     def shell(self) -> str:
         """A line a user can paste into a shell to start the instance by hand."""
@@ -57,8 +81,26 @@ def placeholders(topo: Topology, inst: InstanceSection | None = None) -> dict[st
     return values
 
 
-def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
-    """The argv and env of a spawned instance.
+def bound_ports(topo: Topology, inst: InstanceSection) -> tuple[tuple[str, int], ...]:
+    """The ports a spawned instance binds on its host, as ``(kind, port)``.
+
+    ``HTTP`` for its OpenAI server, then the connector's ports (``kv_port`` and the
+    ones above it that the connector uses, e.g. one NIXL side channel per TP rank).
+    """
+    ports: list[tuple[str, int]] = []
+    if inst.port is not None:
+        ports.append(("HTTP", inst.port))
+    conn = topo.connector
+    if conn.port_kind is not None and inst.kv_port is not None:
+        width = connectors.kv_port_width(conn, inst.args, topo.model.args)
+        ports.extend((conn.port_kind, inst.kv_port + k) for k in range(width))
+    return tuple(ports)
+
+
+def build_spec(topo: Topology, inst: InstanceSection) -> InstanceSpec:
+    """The `InstanceSpec` of one instance of `topo`.
+
+    A remote instance (``url``) gets its addresses only. A spawned one also gets:
 
     argv: ``[engine].command`` (``vllm serve MODEL`` by default), ``--host``,
     ``--port``, ``--served-model-name`` (when set), ``[model].args``,
@@ -67,12 +109,19 @@ def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
     env: ``CUDA_VISIBLE_DEVICES`` (from ``gpus``), ``VLLM_HOST_IP``, the
     connector's variables, TMPDIR and caches under the state directory,
     then ``[model].env`` and the instance's ``env`` last.
-
-    Raises:
-        ValueError: `inst` is a remote instance (it has a ``url``).
     """
+    kv_address = connectors.kv_address(inst) if inst.kv_port is not None else None
     if not inst.spawned:
-        raise ValueError(f"instance {inst.name!r} is remote ({inst.url}); nothing to spawn")
+        assert inst.url is not None
+        url = urlsplit(inst.url)
+        return InstanceSpec(
+            name=inst.name,
+            role=inst.role,
+            base_url=inst.base_url,
+            kv_address=kv_address,
+            host=url.hostname or "",
+            port=url.port,
+        )
     values = placeholders(topo, inst)
     argv: list[str] = [connectors.expand(part, values) for part in topo.engine.command]
     argv += ["--host", inst.host, "--port", str(inst.port)]
@@ -81,7 +130,7 @@ def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
     argv += [connectors.expand(a, values) for a in topo.model.args]
     if (
         topo.kv_transfer.check
-        and inst.role.value == "decode"
+        and inst.role is Role.DECODE
         and _DETAILS_FLAG not in (*topo.model.args, *inst.args)
     ):
         # The proxy's KV check reads usage.prompt_tokens_details.cached_tokens.
@@ -90,7 +139,6 @@ def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
     argv += ["--kv-transfer-config", json.dumps(kv_cfg, separators=(",", ":"))]
     argv += [connectors.expand(a, values) for a in inst.args]
 
-    workdir = topo.daemon.instance_dir(inst.name)
     tmpdir = topo.daemon.tmp_dir(inst.name)
     env: dict[str, str] = {}
     if inst.gpus is not None:
@@ -108,16 +156,21 @@ def build_child_spec(topo: Topology, inst: InstanceSection) -> ChildSpec:
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: connectors.expand(v, values) for k, v in topo.model.env.items()})
     env.update({k: connectors.expand(v, values) for k, v in inst.env.items()})
-    return ChildSpec(
+    return InstanceSpec(
         name=inst.name,
-        role=inst.role.value,
+        role=inst.role,
+        base_url=inst.base_url,
+        kv_address=kv_address,
+        host=inst.host,
+        port=inst.port,
         argv=tuple(argv),
         env=env,
-        workdir=workdir,
+        workdir=topo.daemon.instance_dir(inst.name),
         tmpdir=tmpdir,
+        ports=bound_ports(topo, inst),
     )
 
 
-def all_child_specs(topo: Topology) -> list[ChildSpec]:
-    """`build_child_spec` of every spawned instance, in file order."""
-    return [build_child_spec(topo, i) for i in topo.instances if i.spawned]
+def build_specs(topo: Topology) -> dict[str, InstanceSpec]:
+    """`build_spec` of every instance, spawned and remote, in file order, by name."""
+    return {inst.name: build_spec(topo, inst) for inst in topo.instances}
