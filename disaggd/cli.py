@@ -210,7 +210,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         return EX_UNAVAILABLE
-    from disaggd.daemon.control import render_reply
+    from disaggd.daemon.status import render_reply
 
     text, status = render_reply(args.command, reply, as_json=getattr(args, "json", False))
     stream = sys.stdout if status == EX_OK else sys.stderr

@@ -179,36 +179,11 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise ControlUnavailable(
-                f"no daemon: control socket {path} does not exist (is disaggd running?)"
-            ) from None
-        except ConnectionRefusedError:
-            raise ControlUnavailable(
-                f"no daemon: nothing listens on {path} (stale socket?)"
-            ) from None
-        except PermissionError:
-            raise ControlUnavailable(f"permission denied on {path} (run as its owner)") from None
-        except OSError as exc:
-            raise ControlUnavailable(f"cannot connect to {path}: {exc}") from None
+        _connect(sock, path)
         sock.sendall(json.dumps(payload).encode() + b"\n")
-        chunks: list[bytes] = []
-        while True:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise ControlUnavailable(f"no reply from {path} within {timeout:g} s") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if chunk.endswith(b"\n"):
-                break
+        raw = _read_reply(sock, path, deadline, timeout)
     finally:
         sock.close()
-    raw = b"".join(chunks)
     if not raw:
         raise ControlUnavailable(f"the daemon on {path} closed the connection without a reply")
     reply = json.loads(raw)
@@ -217,88 +192,34 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
     return reply
 
 
-def render_reply(command: str, reply: dict[str, Any], *, as_json: bool = False) -> tuple[str, int]:
-    """Text for the user and the exit status of a control command."""
-    ok = bool(reply.get("ok"))
-    status = 0 if ok else 1
-    if as_json:
-        return json.dumps(reply, indent=2, default=str), status
-    if not ok:
-        return f"disaggd {command}: {reply.get('error', 'failed')}", status
-    if command == "status":
-        return render_status(reply.get("instances", []), reply), status
-    if command == "reload":
-        return render_plan(reply), status
-    return str(reply.get("message", "ok")), status
+def _connect(sock: socket.socket, path: Path) -> None:
+    """Connect `sock` to `path`, turning each way of failing into `ControlUnavailable`."""
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        raise ControlUnavailable(
+            f"no daemon: control socket {path} does not exist (is disaggd running?)"
+        ) from None
+    except ConnectionRefusedError:
+        raise ControlUnavailable(f"no daemon: nothing listens on {path} (stale socket?)") from None
+    except PermissionError:
+        raise ControlUnavailable(f"permission denied on {path} (run as its owner)") from None
+    except OSError as exc:
+        raise ControlUnavailable(f"cannot connect to {path}: {exc}") from None
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None = None) -> str:
-    """The `disaggd status` table."""
-    header = (
-        "INSTANCE",
-        "ROLE",
-        "STATE",
-        "READY",
-        "PID",
-        "PORT",
-        "UPTIME",
-        "RESTARTS",
-        "INFLIGHT",
-        "LAST EXIT",
-    )
-    rows = [header]
-    for inst in instances:
-        rows.append(
-            (
-                str(inst.get("name")),
-                str(inst.get("role")),
-                str(inst.get("state")),
-                "yes" if inst.get("ready") else "no",
-                str(inst.get("pid") or "-"),
-                str(inst.get("port") or inst.get("url") or "-"),
-                _duration(inst.get("uptime")),
-                str(inst.get("restarts", 0)),
-                str(inst.get("inflight", 0)),
-                str(inst.get("last_exit") or "-"),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-        for r in rows
-    ]
-    if reply and reply.get("proxy"):
-        proxy = reply["proxy"]
-        lines.append(
-            f"\nproxy {proxy.get('url')}: {proxy.get('inflight', 0)} in flight, "
-            f"health {'ok' if proxy.get('healthy') else 'NOT READY'}"
-        )
-    return "\n".join(lines)
-
-
-def render_plan(reply: dict[str, Any]) -> str:
-    """The `disaggd reload` summary: kept / restarted / added / removed."""
-    plan = reply.get("plan", {})
-    parts = []
-    for key in ("kept", "restarted", "added", "removed"):
-        names = plan.get(key, [])
-        parts.append(f"{key}: {', '.join(names) if names else '-'}")
-    text = "reload applied; " + "; ".join(parts)
-    if plan.get("settings"):
-        text += f"\nsettings applied: {', '.join(plan['settings'])}"
-    for note in reply.get("notes", []):
-        text += f"\nnote: {note}"
-    return text
+def _read_reply(sock: socket.socket, path: Path, deadline: float, timeout: float) -> bytes:
+    """Read one reply line (or up to EOF) before `deadline` (monotonic seconds)."""
+    chunks: list[bytes] = []
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise ControlUnavailable(f"no reply from {path} within {timeout:g} s") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return b"".join(chunks)

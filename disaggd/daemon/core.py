@@ -4,32 +4,36 @@ Start-up order: the topology was validated by the CLI → open the control
 socket → start the children → serve the proxy (its /health answers 503 until
 the topology is ready) → tell systemd READY=1 once every instance is RUNNING.
 
-Signals only set events (gunicorn's arbiter, uvicorn's server):
-SIGTERM/SIGINT → `request_stop` (drain, then teardown; a second one skips the
-drain), SIGHUP → `request_reload` (the same path as `disaggd reload`).
+Signals only set events (`disaggd.daemon.signals`). The rooms it composes:
+`readiness` (instance events → routing, metrics, STATUS=, READY=1), `rollout`
+(a reload plan carried out), `dispatch` (control verbs), `status` (what
+`disaggd status` and systemd show).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from disaggd._compat import ExceptionGroup, TaskGroup
+from disaggd.daemon import signals
 from disaggd.daemon.control import ControlServer, ControlSocketInUse
+from disaggd.daemon.dispatch import dispatch
+from disaggd.daemon.readiness import Readiness
+from disaggd.daemon.rollout import Outcome, Rollout
+from disaggd.daemon.status import status_rows
 from disaggd.observe import logs
 from disaggd.observe.metrics import Metrics
 from disaggd.observe.sdnotify import Notifier, watchdog_interval
 from disaggd.proxy.router import Router
 from disaggd.proxy.server import Proxy
-from disaggd.supervise.states import ProcessState
 from disaggd.supervise.supervisor import InstanceStatus, Supervisor, port_in_use
 from disaggd.topology import ConfigError, Role, Topology, load_config
-from disaggd.topology.plan import ReloadPlan, diff
-from disaggd.topology.spec import InstanceSpec, build_spec, build_specs
+from disaggd.topology.plan import diff
+from disaggd.topology.spec import build_specs
 
 log = logs.get_logger("disaggd.daemon")
 
@@ -67,17 +71,17 @@ class Daemon:
         self.router = Router(topo)
         self.proxy = Proxy(topo, self.router, self.metrics)
         self.supervisor: Supervisor | None = None
+        self.rollout: Rollout | None = None
+        self.readiness: Readiness | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._proxy_stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._stopping = False
-        self._ready_sent = False
         # What the daemon started with: a reload cannot move the proxy's address nor
-        # change logging (reload.diff says so).
+        # change logging (plan.diff says so).
         self._started_topo = topo
-        self._running: dict[str, InstanceSpec] = build_specs(topo)
 
     @property
     def _proxy_url(self) -> str:
@@ -103,9 +107,7 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped; returns the exit status."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        signals.install(loop, self.request_stop, self.request_reload)
         log.info(
             "daemon_starting",
             config=str(self.config_path),
@@ -134,8 +136,7 @@ class Daemon:
             await control.close()
             await self.proxy.aclose()
             self.notifier.close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            signals.remove(loop)
         log.info("daemon_exited", status=status)
         return status
 
@@ -143,11 +144,13 @@ class Daemon:
         self._clean_storage()
         supervisor = Supervisor(
             self.topo,
-            on_ready_change=self._on_ready_change,
-            on_state_change=self._on_state_change,
+            on_ready_change=lambda name, _ready: self._on_event(supervisor.status(name)),
+            on_state_change=self._on_event,
         )
+        self.readiness = Readiness(self.router, self.metrics, self.notifier, supervisor.statuses)
         async with supervisor:
             self.supervisor = supervisor
+            self.rollout = Rollout(supervisor, self.router, build_specs(self.topo))
             background: list[asyncio.Task[Any]] = []
             try:
                 async with TaskGroup() as tg:
@@ -166,7 +169,6 @@ class Daemon:
                             "proxy_listening",
                             url=self._proxy_url,
                         )
-                    spawn(self._readiness_loop(), "readiness")
                     spawn(self._reload_loop(), "reload")
                     interval = watchdog_interval()
                     if interval:
@@ -192,6 +194,8 @@ class Daemon:
     async def _shutdown(self) -> bool:
         """Drain the proxy, then stop every child; True when nothing was left behind."""
         self._stopping = True
+        if self.readiness is not None:
+            self.readiness.quiet = True
         self.notifier.stopping()
         self.proxy.stop_accepting()
         inflight = self.proxy.inflight
@@ -210,60 +214,11 @@ class Daemon:
             log.error("shutdown_incomplete", reason="some child processes could not be stopped")
         return ok
 
-    # -- readiness, status, systemd --------------------------------------------------------
+    # -- instance events ----------------------------------------------------------------------
 
-    def _on_ready_change(self, name: str, ready: bool) -> None:
-        self.router.set_ready(name, ready)
-
-    def _on_state_change(self, status: InstanceStatus) -> None:
-        self.metrics.observe_instance(status.name, status.role, status.state.value)
-        if status.state is ProcessState.FATAL:
-            log.error(
-                "instance_fatal",
-                instance=status.name,
-                role=status.role,
-                last_exit=status.last_exit,
-                last_output="\n".join(status.last_output[-20:]),
-            )
-        if not self._stopping:
-            self.notifier.status(self._status_line())
-
-    def _status_line(self) -> str:
-        if self.supervisor is None:
-            return "starting"
-        statuses = self.supervisor.statuses()
-        ready = sum(1 for s in statuses if s.ready)
-        words = []
-        for s in statuses:
-            if s.state is ProcessState.STARTING:
-                words.append(f"{s.name} loading model")
-            elif s.state in (ProcessState.BACKOFF, ProcessState.EXITED):
-                words.append(f"{s.name} restarting")
-            elif s.state is ProcessState.FATAL:
-                words.append(f"{s.name} FATAL")
-        head = ", ".join(words)
-        tail = f"{ready}/{len(statuses)} ready"
-        return f"{head}, {tail}" if head else f"serving, {tail}"
-
-    def _topology_ready(self) -> bool:
-        """Every instance RUNNING, or every live one RUNNING with each role covered."""
-        assert self.supervisor is not None
-        statuses = self.supervisor.statuses()
-        live = [s for s in statuses if s.state is not ProcessState.FATAL]
-        if not all(s.ready for s in live):
-            return False
-        return all(self.router.ready_count(role) > 0 for role in Role)
-
-    async def _readiness_loop(self) -> None:
-        """READY=1 once the whole topology is up (edge-triggered by router changes)."""
-        while not self._ready_sent:
-            if self._topology_ready():
-                self._ready_sent = True
-                line = self._status_line()
-                self.notifier.ready(status=line)
-                log.info("daemon_ready", status=line)
-                return
-            await asyncio.sleep(0.1)
+    def _on_event(self, status: InstanceStatus) -> None:
+        assert self.readiness is not None
+        self.readiness.observe(status)
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -314,11 +269,11 @@ class Daemon:
                 log.warning("reload_abandoned", trigger=trigger, reason="the daemon is stopping")
                 return {"ok": False, "error": "the daemon is shutting down: reload abandoned"}
             finally:
-                if not self._stopping:
-                    self.notifier.ready(status=self._status_line())
+                if not self._stopping and self.readiness is not None:
+                    self.notifier.ready(status=self.readiness.line())
 
     async def _apply_reload(self, trigger: str) -> dict[str, Any]:
-        assert self.supervisor is not None
+        assert self.rollout is not None
         log.info("reload_started", trigger=trigger, config=str(self.config_path))
         try:
             new = load_config(self.config_path)
@@ -329,120 +284,44 @@ class Daemon:
                 "ok": False,
                 "error": "invalid topology, nothing changed:\n" + "\n".join(problems),
             }
-        plan = diff(self._running, new, self.topo, self._started_topo)
+        plan = diff(self.rollout.running, new, self.topo, self._started_topo)
         log.info("reload_plan", trigger=trigger, **plan.as_dict())
-        notes = [f"{key} changed: restart the daemon to apply it" for key in plan.needs_restart]
-        # Removed instances stop taking requests before the router forgets them.
-        for name in plan.removed:
-            self.router.set_draining(name, True)
+        outcome = Outcome(
+            notes=[f"{key} changed: restart the daemon to apply it" for key in plan.needs_restart]
+        )
         self.proxy.update_settings(new)
-        # A restarted instance keeps its current upstream (still routable, drainable)
-        # until its turn in the rolling restart, even when its address changes.
-        self.router.update_topology(new, deferred=plan.restarted)
-        self.supervisor.update_topology(new)
-        drain = new.daemon.drain_timeout
-        for name in plan.removed:
-            await self._drain(name, drain)
-            await self.supervisor.remove(name)
-            del self._running[name]
-        failed = await self._rolling_restart(new, plan, drain, notes)
-        for name in plan.added:
-            await self.supervisor.add(new.instance(name), new)
-            self._running[name] = build_spec(new, new.instance(name))
-        if plan.added:
-            ok = await self.supervisor.wait_ready(plan.added, timeout=new.supervisor.start_timeout)
-            if not ok:
-                notes.append("an added instance did not become ready: see `disaggd status`")
+        await self.rollout.apply(plan, new, outcome)
         self.topo = new
-        log.info("reload_applied", trigger=trigger, ok=not failed, notes=notes, **plan.as_dict())
-        reply: dict[str, Any] = {"ok": not failed, "plan": plan.as_dict(), "notes": notes}
-        if failed:
-            reply["error"] = "; ".join(notes)
+        log.info(
+            "reload_applied",
+            trigger=trigger,
+            ok=not outcome.failed,
+            notes=outcome.notes,
+            **plan.as_dict(),
+        )
+        reply: dict[str, Any] = {
+            "ok": not outcome.failed,
+            "plan": plan.as_dict(),
+            "notes": outcome.notes,
+        }
+        if outcome.failed:
+            reply["error"] = "; ".join(outcome.notes)
         return reply
-
-    async def _rolling_restart(
-        self, new: Topology, plan: ReloadPlan, drain: float, notes: list[str]
-    ) -> bool:
-        """Restart changed instances one at a time, each ready before the next goes down.
-
-        Returns True when the rollout stopped because an instance did not come back.
-        """
-        assert self.supervisor is not None
-        for idx, name in enumerate(plan.restarted):
-            inst = new.instance(name)
-            await self._drain(name, drain)
-            self.router.commit(name)  # its new address, if it changed (not ready yet)
-            ok = await self.supervisor.restart(name, inst, new, wait=True)
-            self.router.set_draining(name, False)
-            self._running[name] = build_spec(new, inst)
-            if not ok:
-                left = plan.restarted[idx + 1 :]
-                notes.append(
-                    f"{name} did not become ready with its new spec; "
-                    + (
-                        f"not restarted: {', '.join(left)} (still on the old spec)"
-                        if left
-                        else "no other instance was touched"
-                    )
-                )
-                return True
-        return False
-
-    async def _drain(self, name: str, timeout: float) -> None:
-        """Route nothing new to `name` and wait (bounded) for its in-flight requests."""
-        self.router.set_draining(name, True)
-        try:
-            idle = await self.router.wait_idle(name, timeout)
-        except KeyError:
-            idle = True
-        if not idle:
-            log.warning("drain_timeout", instance=name, timeout=timeout)
 
     # -- control commands ------------------------------------------------------------------
 
     async def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
-        command = req["command"]
-        if command == "status":
-            return self._status_reply()
-        if command == "reload":
-            return await self.reload(trigger="control")
-        if command == "restart":
-            return await self._restart(str(req.get("name", "")))
-        if command == "stop":
-            self.request_stop()
-            return {"ok": True, "message": "stopping: draining requests, then stopping instances"}
-        if command == "ping":
-            return {"ok": True, "message": "pong"}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+        return await dispatch(self, req)
 
-    def _status_reply(self) -> dict[str, Any]:
+    def status_reply(self) -> dict[str, Any]:
+        """The ``status`` control reply: every instance, and the proxy."""
         assert self.supervisor is not None
         inflight = {u.name: u.outstanding for u in self.router.upstreams()}
-        rows = []
-        for s in self.supervisor.statuses():
-            rows.append(
-                {
-                    "name": s.name,
-                    "role": s.role,
-                    "state": s.state.value,
-                    "ready": s.ready,
-                    "pid": s.pid,
-                    "port": s.port,
-                    "url": s.url,
-                    "spawned": s.spawned,
-                    "uptime": s.uptime,
-                    "restarts": s.restarts,
-                    "failures": s.failures,
-                    "inflight": inflight.get(s.name, 0),
-                    "last_exit": s.last_exit,
-                    "last_output": list(s.last_output[-10:]),
-                }
-            )
         return {
             "ok": True,
             "config": str(self.config_path),
             "stopping": self._stopping,
-            "instances": rows,
+            "instances": status_rows(self.supervisor.statuses(), inflight),
             "proxy": {
                 "url": self._proxy_url,
                 "inflight": self.proxy.inflight,
@@ -450,8 +329,9 @@ class Daemon:
             },
         }
 
-    async def _restart(self, name: str) -> dict[str, Any]:
-        assert self.supervisor is not None
+    async def restart(self, name: str) -> dict[str, Any]:
+        """``disaggd restart NAME``: drain it, restart it (clears FATAL), undrain it."""
+        assert self.supervisor is not None and self.rollout is not None
         if self._stopping:
             return {"ok": False, "error": "the daemon is shutting down"}
         try:
@@ -459,19 +339,7 @@ class Daemon:
         except KeyError:
             known = ", ".join(s.name for s in self.supervisor.statuses())
             return {"ok": False, "error": f"no instance named {name!r} (known: {known})"}
-        log.info("restart_requested", instance=name)
-        await self._drain(name, self.topo.daemon.drain_timeout)
-        try:
-            ok = await self.supervisor.restart(name, wait=True)
-        finally:
-            self.router.set_draining(name, False)
-        status = self.supervisor.status(name)
-        if not ok:
-            return {
-                "ok": False,
-                "error": f"{name} did not become ready: {status.last_exit or status.state.value}",
-            }
-        return {"ok": True, "message": f"{name} restarted (pid {status.pid})"}
+        return await self.rollout.restart(name, self.topo.daemon.drain_timeout)
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""From instance events to what the outside sees: routing, metrics, STATUS= and READY=1.
+
+The supervisor emits one event per change of an instance (its state or its
+readiness). `Readiness.observe` is the one handler: it tells the router, the
+metrics and systemd (FATAL itself is logged once, by the supervisor), and
+sends ``READY=1`` the first time the whole topology is
+up — edge-triggered by the events, never polled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from disaggd.daemon.status import status_line
+from disaggd.observe.logs import get_logger
+from disaggd.observe.metrics import Metrics
+from disaggd.observe.sdnotify import Notifier
+from disaggd.proxy.router import Router
+from disaggd.supervise.states import ProcessState
+from disaggd.supervise.supervisor import InstanceStatus
+from disaggd.topology import Role
+
+log = get_logger("disaggd.daemon")
+
+class Readiness:
+    """Turns instance events into routing, metrics and systemd notifications.
+
+    Args:
+        router: gets every readiness change at once (`Router.set_ready`).
+        metrics: gets every state change (`Metrics.observe_instance`).
+        notifier: systemd's notify socket (STATUS=, READY=1).
+        statuses: the supervisor's current snapshot of every instance, for STATUS=.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        metrics: Metrics,
+        notifier: Notifier,
+        statuses: Callable[[], list[InstanceStatus]],
+    ) -> None:
+        self._router = router
+        self._metrics = metrics
+        self._notifier = notifier
+        self._statuses = statuses
+        self.ready_sent = False
+        #: Set while the daemon shuts down: STATUS= then says "stopping" (sdnotify).
+        self.quiet = False
+
+    def observe(self, status: InstanceStatus) -> None:
+        """Handle one event: `status` is the instance's snapshot right after the change."""
+        self._router.set_ready(status.name, status.ready)
+        self._metrics.observe_instance(status.name, status.role, status.state.value)
+        if self.quiet:
+            return
+        line = self.line()
+        if not self.ready_sent and self.topology_ready():
+            self.ready_sent = True
+            self._notifier.ready(status=line)
+            log.info("daemon_ready", status=line)
+        else:
+            self._notifier.status(line)
+
+    def line(self) -> str:
+        """systemd's STATUS= text for the current snapshot."""
+        return status_line(self._statuses())
+
+    def topology_ready(self) -> bool:
+        """Every live (not FATAL) instance ready, and each role served by at least one."""
+        live = [s for s in self._statuses() if s.state is not ProcessState.FATAL]
+        if not all(s.ready for s in live):
+            return False
+        return all(self._router.ready_count(role) > 0 for role in Role)

@@ -1,0 +1,149 @@
+"""Status, as systemd, a person and a machine read it.
+
+* `status_line`: systemd's ``STATUS=`` (``decode-0 loading model, 1/2 ready``);
+* `status_rows`: the rows of the ``status`` control reply (`disaggd status --json`);
+* `render_reply` and friends: the CLI's text for a control reply.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from disaggd.supervise.states import ProcessState
+from disaggd.supervise.supervisor import InstanceStatus
+
+#: Output lines of each instance carried in a status reply.
+STATUS_OUTPUT_LINES = 10
+
+
+def status_line(statuses: Iterable[InstanceStatus]) -> str:
+    """systemd's ``STATUS=`` text: what is not serving yet, then ``N/M ready``."""
+    statuses = list(statuses)
+    ready = sum(1 for s in statuses if s.ready)
+    words = []
+    for s in statuses:
+        if s.state is ProcessState.STARTING:
+            words.append(f"{s.name} loading model")
+        elif s.state in (ProcessState.BACKOFF, ProcessState.EXITED):
+            words.append(f"{s.name} restarting")
+        elif s.state is ProcessState.FATAL:
+            words.append(f"{s.name} FATAL")
+    head = ", ".join(words)
+    tail = f"{ready}/{len(statuses)} ready"
+    return f"{head}, {tail}" if head else f"serving, {tail}"
+
+
+def status_rows(
+    statuses: Iterable[InstanceStatus], inflight: Mapping[str, int]
+) -> list[dict[str, Any]]:
+    """One JSON-ready row per instance; `inflight` is requests in flight by instance name."""
+    return [
+        {
+            "name": s.name,
+            "role": s.role,
+            "state": s.state.value,
+            "ready": s.ready,
+            "pid": s.pid,
+            "port": s.port,
+            "url": s.url,
+            "spawned": s.spawned,
+            "uptime": s.uptime,
+            "restarts": s.restarts,
+            "failures": s.failures,
+            "inflight": inflight.get(s.name, 0),
+            "last_exit": s.last_exit,
+            "last_output": list(s.last_output[-STATUS_OUTPUT_LINES:]),
+        }
+        for s in statuses
+    ]
+
+
+def render_reply(
+    command: str, reply: dict[str, Any], *, as_json: bool = False
+) -> tuple[str, int]:
+    """Text for the user and the exit status of a control command."""
+    ok = bool(reply.get("ok"))
+    status = 0 if ok else 1
+    if as_json:
+        return json.dumps(reply, indent=2, default=str), status
+    if not ok:
+        return f"disaggd {command}: {reply.get('error', 'failed')}", status
+    if command == "status":
+        return render_status(reply.get("instances", []), reply), status
+    if command == "reload":
+        return render_plan(reply), status
+    return str(reply.get("message", "ok")), status
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None = None) -> str:
+    """The `disaggd status` table."""
+    header = (
+        "INSTANCE",
+        "ROLE",
+        "STATE",
+        "READY",
+        "PID",
+        "PORT",
+        "UPTIME",
+        "RESTARTS",
+        "INFLIGHT",
+        "LAST EXIT",
+    )
+    rows = [header]
+    for inst in instances:
+        rows.append(
+            (
+                str(inst.get("name")),
+                str(inst.get("role")),
+                str(inst.get("state")),
+                "yes" if inst.get("ready") else "no",
+                str(inst.get("pid") or "-"),
+                str(inst.get("port") or inst.get("url") or "-"),
+                _duration(inst.get("uptime")),
+                str(inst.get("restarts", 0)),
+                str(inst.get("inflight", 0)),
+                str(inst.get("last_exit") or "-"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    ]
+    if reply and reply.get("proxy"):
+        proxy = reply["proxy"]
+        lines.append(
+            f"\nproxy {proxy.get('url')}: {proxy.get('inflight', 0)} in flight, "
+            f"health {'ok' if proxy.get('healthy') else 'NOT READY'}"
+        )
+    return "\n".join(lines)
+
+
+def render_plan(reply: dict[str, Any]) -> str:
+    """The `disaggd reload` summary: kept / restarted / added / removed."""
+    plan = reply.get("plan", {})
+    parts = []
+    for key in ("kept", "restarted", "added", "removed"):
+        names = plan.get(key, [])
+        parts.append(f"{key}: {', '.join(names) if names else '-'}")
+    text = "reload applied; " + "; ".join(parts)
+    if plan.get("settings"):
+        text += f"\nsettings applied: {', '.join(plan['settings'])}"
+    for note in reply.get("notes", []):
+        text += f"\nnote: {note}"
+    return text
