@@ -282,6 +282,37 @@ def _write_model(out_dir: Path, *, vocab_size: int, seed: int) -> None:
     )
 
 
+def _already_built(out_dir: Path, params: dict[str, Any]) -> bool:
+    """True when `out_dir` is complete with `params`; False when it is an empty folder
+    (removed here, to be rebuilt).
+
+    Raises:
+        FileExistsError: it holds anything else.
+    """
+    manifest = _read_manifest(out_dir)
+    if manifest is not None and is_complete(out_dir):
+        if manifest.get("params") == params:
+            return True
+        raise FileExistsError(
+            f"{out_dir} holds a tiny model built with other parameters "
+            f"({manifest.get('params')!r}); pass force=True to rebuild"
+        )
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+        return False
+    raise FileExistsError(
+        f"{out_dir} exists and is not a complete tiny model; pass force=True to replace it"
+    )
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, file or link at `path`, if any."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def build_tiny_model(out_dir: Path, *, seed: int = 0, force: bool = False) -> Path:
     """Write the tiny Llama model folder into ``out_dir`` and return ``out_dir``.
 
@@ -298,21 +329,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, force: bool = False) -> Pa
     """
     out_dir = Path(out_dir)
     params = _expected_params(seed)
-    if out_dir.exists() and not force:
-        manifest = _read_manifest(out_dir)
-        if manifest is not None and is_complete(out_dir):
-            if manifest.get("params") == params:
-                return out_dir
-            raise FileExistsError(
-                f"{out_dir} holds a tiny model built with other parameters "
-                f"({manifest.get('params')!r}); pass force=True to rebuild"
-            )
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        else:
-            raise FileExistsError(
-                f"{out_dir} exists and is not a complete tiny model; pass force=True to replace it"
-            )
+    if out_dir.exists() and not force and _already_built(out_dir, params):
+        return out_dir
 
     # Offline: nothing below should reach for the Hub, but make sure of it.
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -335,11 +353,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, force: bool = False) -> Pa
         for p in tmp.iterdir():
             p.chmod(0o644)
         tmp.chmod(0o755)
-        if force and (out_dir.exists() or out_dir.is_symlink()):
-            if out_dir.is_dir() and not out_dir.is_symlink():
-                shutil.rmtree(out_dir)
-            else:
-                out_dir.unlink()
+        if force:
+            _remove(out_dir)
         try:
             tmp.rename(out_dir)
         except OSError:

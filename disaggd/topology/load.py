@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from disaggd._compat import tomllib
 from disaggd.topology import connectors
-from disaggd.topology.schema import Role, Topology
+from disaggd.topology.schema import InstanceSection, Role, Topology
 from disaggd.topology.spec import bound_ports
 
 #: Where `disaggd run` looks for its topology when ``-c`` is not given.
@@ -239,6 +239,17 @@ def _anchor(p: Path, base: Path) -> Path:
 
 
 def _topology_problems(topo: Topology) -> Iterator[Problem]:
+    """Every check that spans sections, in the order a reader of the file meets them."""
+    yield from _name_problems(topo)
+    yield from _port_problems(topo)
+    yield from _socket_path_problems(topo)
+    yield from _connector_problems(topo)
+    for idx, inst in enumerate(topo.instances):
+        yield from _instance_connector_problems(topo, idx, inst)
+
+
+def _name_problems(topo: Topology) -> Iterator[Problem]:
+    """Unique instance names; at least one prefill and one decode."""
     seen_names: dict[str, int] = {}
     for idx, inst in enumerate(topo.instances):
         if inst.name in seen_names:
@@ -248,7 +259,6 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
             )
         else:
             seen_names[inst.name] = idx
-
     for role in Role:
         if not topo.by_role(role):
             yield Problem(
@@ -256,9 +266,9 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
                 f"a disaggregated topology needs at least one {role} instance; found none",
             )
 
-    yield from _port_problems(topo)
-    yield from _socket_path_problems(topo)
 
+def _connector_problems(topo: Topology) -> Iterator[Problem]:
+    """A known connector (or a custom one with module path and handoff), its extra config."""
     spec = topo.connector
     kv = topo.kv_transfer
     if spec.name == connectors.CUSTOM and kv.module_path is None:
@@ -279,33 +289,32 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
     for key, reason in spec.check_extra_config(kv):
         yield Problem(f"kv_transfer.{key}", reason)
 
-    for idx, inst in enumerate(topo.instances):
-        kv_role = connectors.kv_role_for(inst.role.value, inst.kv_role)
-        if kv_role not in spec.roles:
-            what = (
-                "a prefill (KV producer)" if inst.role is Role.PREFILL else "a decode (KV consumer)"
-            )
-            reason = (
-                f"{spec.name} cannot serve as {what} with kv_role '{kv_role}'"
-                f" (supports: {', '.join(sorted(spec.roles)) or 'no disaggregated role'})"
-            )
-            if spec.note:
-                reason += f"; {spec.note}"
-            yield Problem(f"instance[{idx}].role", reason)
-        if spec.port_env is not None:
-            for where, env in ((f"instance[{idx}].env", inst.env), ("model.env", topo.model.env)):
-                if spec.port_env in env:
-                    yield Problem(
-                        f"{where}.{spec.port_env}",
-                        f"set instance[{idx}].kv_port instead: disaggd derives "
-                        f"{spec.port_env} from it and checks it against every other port",
-                    )
-        if (
-            not inst.spawned
-            and spec.handoff is connectors.Handoff.REQUEST_ID
-            and inst.kv_port is None
-        ):
-            yield Problem(f"instance[{idx}].kv_port", "a remote P2pNccl instance needs kv_port")
+
+def _instance_connector_problems(
+    topo: Topology, idx: int, inst: InstanceSection
+) -> Iterator[Problem]:
+    """What the connector needs of one instance: a KV role it supports, its port as kv_port."""
+    spec = topo.connector
+    kv_role = connectors.kv_role_for(inst.role.value, inst.kv_role)
+    if kv_role not in spec.roles:
+        what = "a prefill (KV producer)" if inst.role is Role.PREFILL else "a decode (KV consumer)"
+        reason = (
+            f"{spec.name} cannot serve as {what} with kv_role '{kv_role}'"
+            f" (supports: {', '.join(sorted(spec.roles)) or 'no disaggregated role'})"
+        )
+        if spec.note:
+            reason += f"; {spec.note}"
+        yield Problem(f"instance[{idx}].role", reason)
+    if spec.port_env is not None:
+        for where, env in ((f"instance[{idx}].env", inst.env), ("model.env", topo.model.env)):
+            if spec.port_env in env:
+                yield Problem(
+                    f"{where}.{spec.port_env}",
+                    f"set instance[{idx}].kv_port instead: disaggd derives "
+                    f"{spec.port_env} from it and checks it against every other port",
+                )
+    if not inst.spawned and spec.handoff is connectors.Handoff.REQUEST_ID and inst.kv_port is None:
+        yield Problem(f"instance[{idx}].kv_port", "a remote P2pNccl instance needs kv_port")
 
 
 def _port_problems(topo: Topology) -> Iterator[Problem]:
