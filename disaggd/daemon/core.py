@@ -26,6 +26,7 @@ from disaggd.daemon.readiness import Readiness
 from disaggd.daemon.rollout import Outcome, Rollout
 from disaggd.daemon.status import status_rows
 from disaggd.observe import logs
+from disaggd.observe.looplag import LoopLag
 from disaggd.observe.metrics import Metrics
 from disaggd.observe.sdnotify import Notifier, watchdog_interval
 from disaggd.proxy.router import Router
@@ -170,6 +171,7 @@ class Daemon:
                             url=self._proxy_url,
                         )
                     spawn(self._reload_loop(), "reload")
+                    spawn(LoopLag(self.metrics).run(), "loop-lag")
                     interval = watchdog_interval()
                     if interval:
                         spawn(self._watchdog_loop(interval), "watchdog")

@@ -36,6 +36,8 @@ KV_VERDICTS = ("moved", "recomputed", "short_prompt", "unknown")
 
 # Buckets (seconds) modelled on vLLM's own histograms (vllm/v1/metrics/loggers.py),
 # with finer steps at the low end where a proxy's overhead shows.
+#: Event-loop lag: a healthy loop stays under a millisecond; a probe timeout is seconds.
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TTFT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
@@ -103,6 +105,8 @@ class Metrics:
         retries: ``disaggd_retries_total{role}``, legs sent again to another instance.
         kv_check: ``disaggd_kv_check_total{verdict}``, see `disaggd.proxy.kv_verdict`.
         inflight: ``disaggd_requests_in_flight``, client requests being served.
+        loop_lag / loop_lag_hist: ``disaggd_event_loop_lag_seconds`` (largest lag of
+            the last window) and its samples; see `disaggd.observe.looplag`.
         upstream_in_flight / upstream_ready (``disaggd_upstream_requests_in_flight``,
             ``disaggd_upstream_ready{instance,role}``): read from the router at scrape
             time, once `bind_upstreams` gave a source.
@@ -180,6 +184,19 @@ class Metrics:
             registry=r,
         )
         self._states: dict[str, str] = {}
+        # -- the daemon's own event loop ----------------------------------------------------
+        self.loop_lag = Gauge(
+            "disaggd_event_loop_lag_seconds",
+            "How late the event loop woke a timer, largest over the last sampling window (s). "
+            "Supervision shares this loop: probes and exit handling wait this long too.",
+            registry=r,
+        )
+        self.loop_lag_hist = Histogram(
+            "disaggd_event_loop_lag_sample_seconds",
+            "Every sampled event-loop lag (s).",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
 
     def observe_instance(self, name: str, role: str, state: str) -> None:
         """Record that instance `name` entered process `state` (disaggd.supervise.states names).
