@@ -25,7 +25,7 @@ import aiohttp
 
 from disaggd.observe.metrics import Metrics
 from disaggd.proxy.router import Router
-from disaggd.proxy.server import Proxy
+from disaggd.proxy.app import Proxy
 from disaggd.topology import Topology, parse_config
 from disaggd.topology.spec import build_spec
 from tests.helpers import free_port

@@ -511,7 +511,7 @@ async def test_serve_reports_address_in_use(cluster: Cluster) -> None:
     async with serve_proxy(topo):
         from disaggd.observe.metrics import Metrics
         from disaggd.proxy.router import Router
-        from disaggd.proxy.server import Proxy
+        from disaggd.proxy.app import Proxy
 
         other = Proxy(topo, Router(topo), Metrics())
 

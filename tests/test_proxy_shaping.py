@@ -8,15 +8,27 @@ from typing import Any
 import pytest
 
 from disaggd.observe.metrics import Metrics
-from disaggd.proxy import server as px
+from disaggd.proxy.errors import HTTPError, stream_error_event
+from disaggd.proxy.handoff import decode_body, prefill_request
+from disaggd.proxy.kvcheck import kv_verdict, usage_from
+from disaggd.proxy.request import (
+    CHAT,
+    COMPLETIONS,
+    NON_TEXT_PART_CHARS,
+    answers_from_prefill,
+    check_auth,
+    parse_request,
+    prompt_chars,
+)
+from disaggd.proxy.sse import event_end, synthesize_stream
 from tests.proxy_harness import metric_value, sse_events
 
-C, CHAT = px.COMPLETIONS, px.CHAT
+C = COMPLETIONS
 
 
 def test_parse_request_accepts_vllm_shapes() -> None:
     for prompt in ("hi", ["a", "b"], [1, 2, 3], [[1, 2], [3]]):
-        assert px.parse_request(C, json.dumps({"model": "m", "prompt": prompt}).encode())
+        assert parse_request(C, json.dumps({"model": "m", "prompt": prompt}).encode())
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": "x"}],
@@ -24,7 +36,7 @@ def test_parse_request_accepts_vllm_shapes() -> None:
         "stream_options": {"include_usage": True},
         "max_tokens": None,
     }
-    assert px.parse_request(CHAT, json.dumps(body).encode()) == body
+    assert parse_request(CHAT, json.dumps(body).encode()) == body
 
 
 @pytest.mark.parametrize(
@@ -46,24 +58,24 @@ def test_parse_request_accepts_vllm_shapes() -> None:
     ],
 )
 def test_parse_request_rejects(route: str, raw: bytes, param: str | None) -> None:
-    with pytest.raises(px.HTTPError) as info:
-        px.parse_request(route, raw)
+    with pytest.raises(HTTPError) as info:
+        parse_request(route, raw)
     assert info.value.status == 400 and info.value.param == param
 
 
 def test_prompt_chars() -> None:
-    assert px.prompt_chars(C, {"prompt": "hello"}) == 5
-    assert px.prompt_chars(C, {"prompt": ["ab", "cde"]}) == 5
-    assert px.prompt_chars(C, {"prompt": [1, 2, 3]}) == 12
-    assert px.prompt_chars(C, {"prompt": [[1, 2], [3]]}) == 12
+    assert prompt_chars(C, {"prompt": "hello"}) == 5
+    assert prompt_chars(C, {"prompt": ["ab", "cde"]}) == 5
+    assert prompt_chars(C, {"prompt": [1, 2, 3]}) == 12
+    assert prompt_chars(C, {"prompt": [[1, 2], [3]]}) == 12
     msgs = [
         {"role": "system", "content": "abc"},
         {"role": "user", "content": [{"type": "text", "text": "de"}]},
         {"role": "assistant", "content": None},
     ]
-    assert px.prompt_chars(CHAT, {"messages": msgs}) == 5
+    assert prompt_chars(CHAT, {"messages": msgs}) == 5
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert px.prompt_chars(CHAT, {"messages": image}) >= px.NON_TEXT_PART_CHARS
+    assert prompt_chars(CHAT, {"messages": image}) >= NON_TEXT_PART_CHARS
 
 
 def test_prefill_request_only_prefills() -> None:
@@ -80,7 +92,7 @@ def test_prefill_request_only_prefills() -> None:
         "temperature": 0.5,
     }
     kv = {"do_remote_decode": True}
-    out = px.prefill_request(req, kv)
+    out = prefill_request(req, kv)
     assert out == {
         "model": "m",
         "prompt": "p",
@@ -91,7 +103,7 @@ def test_prefill_request_only_prefills() -> None:
         "kv_transfer_params": kv,
     }
     assert "max_completion_tokens" not in out
-    out = px.prefill_request({"model": "m", "messages": [], "max_completion_tokens": 9}, None)
+    out = prefill_request({"model": "m", "messages": [], "max_completion_tokens": 9}, None)
     assert out["max_completion_tokens"] == 1 and out["max_tokens"] == 1
     assert "kv_transfer_params" not in out
     assert req["max_tokens"] == 50  # the client's request is not touched
@@ -100,26 +112,26 @@ def test_prefill_request_only_prefills() -> None:
 def test_decode_body_reuses_client_bytes() -> None:
     raw = b' {"model": "m", "prompt": "p\\u00e9"} \n'
     req = json.loads(raw)
-    assert px.decode_body(raw, req, None) is raw
-    spliced = px.decode_body(raw, req, {"a": [1, 2]})
+    assert decode_body(raw, req, None) is raw
+    spliced = decode_body(raw, req, {"a": [1, 2]})
     assert json.loads(spliced) == {**req, "kv_transfer_params": {"a": [1, 2]}}
     assert spliced.startswith(b'{"model": "m", "prompt": "p\\u00e9"')
     # A client's own kv_transfer_params never reach a decode.
     raw2 = b'{"model": "m", "prompt": "p", "kv_transfer_params": {"remote_host": "evil"}}'
     req2 = json.loads(raw2)
-    assert json.loads(px.decode_body(raw2, req2, None)) == {"model": "m", "prompt": "p"}
-    assert json.loads(px.decode_body(raw2, req2, {"ok": 1}))["kv_transfer_params"] == {"ok": 1}
+    assert json.loads(decode_body(raw2, req2, None)) == {"model": "m", "prompt": "p"}
+    assert json.loads(decode_body(raw2, req2, {"ok": 1}))["kv_transfer_params"] == {"ok": 1}
 
 
 def test_answers_from_prefill() -> None:
-    assert px.answers_from_prefill({}, "stop")
-    assert px.answers_from_prefill({"n": 1}, "stop")
-    assert not px.answers_from_prefill({}, "length")
-    assert not px.answers_from_prefill({}, None)
-    assert not px.answers_from_prefill({"n": 2}, "stop")
-    assert not px.answers_from_prefill({"min_tokens": 3}, "stop")
-    assert not px.answers_from_prefill({"min_completion_tokens": 3}, "stop")
-    assert not px.answers_from_prefill({"use_beam_search": True}, "stop")
+    assert answers_from_prefill({}, "stop")
+    assert answers_from_prefill({"n": 1}, "stop")
+    assert not answers_from_prefill({}, "length")
+    assert not answers_from_prefill({}, None)
+    assert not answers_from_prefill({"n": 2}, "stop")
+    assert not answers_from_prefill({"min_tokens": 3}, "stop")
+    assert not answers_from_prefill({"min_completion_tokens": 3}, "stop")
+    assert not answers_from_prefill({"use_beam_search": True}, "stop")
 
 
 @pytest.mark.parametrize(
@@ -137,24 +149,24 @@ def test_answers_from_prefill() -> None:
     ],
 )
 def test_kv_verdict(usage: Any, verdict: str) -> None:
-    assert px.kv_verdict(usage, 16)[0] == verdict
+    assert kv_verdict(usage, 16)[0] == verdict
 
 
 def test_usage_from_body_and_stream_tail() -> None:
     body = json.dumps(
         {"choices": [{"text": 'say "usage": {"x": 1}'}], "usage": {"prompt_tokens": 5}}
     ).encode()
-    assert px.usage_from(body) == {"prompt_tokens": 5}
+    assert usage_from(body) == {"prompt_tokens": 5}
     tail = (
         b'data: {"choices":[],"usage":{"prompt_tokens":7,"prompt_tokens_details":'
         b'{"cached_tokens":7}}}\n\ndata: [DONE]\n\n'
     )
-    assert px.usage_from(tail) == {
+    assert usage_from(tail) == {
         "prompt_tokens": 7,
         "prompt_tokens_details": {"cached_tokens": 7},
     }
-    assert px.usage_from(b'{"usage": null}') is None
-    assert px.usage_from(b"data: [DONE]\n\n") is None
+    assert usage_from(b'{"usage": null}') is None
+    assert usage_from(b"data: [DONE]\n\n") is None
 
 
 @pytest.mark.parametrize("route", [C, CHAT])
@@ -175,7 +187,7 @@ def test_synthesize_stream(route: str, usage: bool) -> None:
         "choices": [choice],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
     }
-    body = px.synthesize_stream(route, result, usage)
+    body = synthesize_stream(route, result, usage)
     assert body.endswith(b"\n\ndata: [DONE]\n\n")
     events = sse_events(body)
     assert events[-1] == "[DONE]"
@@ -193,7 +205,7 @@ def test_synthesize_stream(route: str, usage: bool) -> None:
 
 
 def test_stream_error_event_is_vllm_shaped() -> None:
-    events = sse_events(px.stream_error_event("boom", "bad_gateway_error", 502))
+    events = sse_events(stream_error_event("boom", "bad_gateway_error", 502))
     assert events == [
         {"error": {"message": "boom", "type": "bad_gateway_error", "param": None, "code": 502}},
         "[DONE]",
@@ -201,20 +213,20 @@ def test_stream_error_event_is_vllm_shaped() -> None:
 
 
 def test_check_auth() -> None:
-    px.check_auth("Bearer k3y", b"k3y")
-    px.check_auth("bearer k3y", b"k3y")
+    check_auth("Bearer k3y", b"k3y")
+    check_auth("bearer k3y", b"k3y")
     for header in (None, "", "k3y", "Bearer", "Bearer k3", "Basic k3y"):
-        with pytest.raises(px.HTTPError) as info:
-            px.check_auth(header, b"k3y")
+        with pytest.raises(HTTPError) as info:
+            check_auth(header, b"k3y")
         assert info.value.status == 401
-    with pytest.raises(px.HTTPError):
-        px.check_auth("Bearer anything", None)  # required but unset: fail closed
+    with pytest.raises(HTTPError):
+        check_auth("Bearer anything", None)  # required but unset: fail closed
 
 
 def test_event_end() -> None:
-    assert px._event_end(b"data: a\n\ndata: b") == len(b"data: a\n\n")
-    assert px._event_end(b"data: a\r\n\r\ndata: b") == len(b"data: a\r\n\r\n")
-    assert px._event_end(b"data: a") == 0
+    assert event_end(b"data: a\n\ndata: b") == len(b"data: a\n\n")
+    assert event_end(b"data: a\r\n\r\ndata: b") == len(b"data: a\r\n\r\n")
+    assert event_end(b"data: a") == 0
 
 
 def test_metrics_registry_is_private_and_renders() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from disaggd._compat import tomllib
-from disaggd.proxy.server import kv_verdict
+from disaggd.proxy.kvcheck import kv_verdict
 from tests.daemon_harness import DaemonProcess, all_gone, http_get, http_post
 from tests.helpers import free_ports, short_dir, wait_for
 

@@ -25,7 +25,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
-from disaggd.topology import InstanceSection, Role, Topology, connectors
+from disaggd.topology import Role, Topology
+from disaggd.topology.spec import InstanceSpec, build_specs
 
 Policy = Literal["least_outstanding", "round_robin"]
 
@@ -57,9 +58,41 @@ class Upstream:
     _retired: bool = field(default=False, repr=False, init=False)
 
 
-def _upstream_for(inst: InstanceSection) -> Upstream:
-    kv_addr = connectors.kv_address(inst) if inst.kv_port is not None else None
-    return Upstream(name=inst.name, role=inst.role, base_url=inst.base_url, kv_address=kv_addr)
+def _upstream_for(spec: InstanceSpec) -> Upstream:
+    return Upstream(
+        name=spec.name, role=spec.role, base_url=spec.base_url, kv_address=spec.kv_address
+    )
+
+
+class Lease:
+    """One request's hold on an upstream: counted in flight from enter to exit.
+
+    `move` hands the hold to another upstream (the old one is released, the new
+    one acquired), so the one ``with`` block that took the lease always releases
+    whichever upstream it holds at the end.
+
+    Attributes:
+        up: the upstream held now.
+    """
+
+    __slots__ = ("_router", "up")
+
+    def __init__(self, router: Router, up: Upstream) -> None:
+        self._router = router
+        self.up = up
+
+    def __enter__(self) -> Lease:
+        self._router.acquire(self.up)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._router.release(self.up)
+
+    def move(self, other: Upstream) -> None:
+        """Hold `other` instead of the current upstream."""
+        self._router.release(self.up)
+        self.up = other
+        self._router.acquire(other)
 
 
 class Router:
@@ -77,8 +110,8 @@ class Router:
             Role.PREFILL: "least_outstanding",
             Role.DECODE: "least_outstanding",
         }
-        for inst in topo.instances:
-            self._by_name[inst.name] = _upstream_for(inst)
+        for name, spec in build_specs(topo).items():
+            self._by_name[name] = _upstream_for(spec)
         self._apply_policies(topo)
         self._reindex()
 
@@ -97,11 +130,11 @@ class Router:
         until `release` brings it to 0. Unchanged instances keep their state.
         Policies apply from the next pick.
         """
-        wanted = {inst.name: inst for inst in topo.instances}
+        wanted = build_specs(topo)
         table: dict[str, Upstream] = {}
         self._pending = {}
-        for name, inst in wanted.items():
-            fresh = _upstream_for(inst)
+        for name, spec in wanted.items():
+            fresh = _upstream_for(spec)
             old = self._by_name.get(name)
             if old is not None and not old._retired:
                 same = (old.role, old.base_url, old.kv_address) == (
@@ -194,6 +227,10 @@ class Router:
         if best is not None:
             self._cursor[role] = best_idx + 1 if best_idx + 1 < n else 0
         return best
+
+    def hold(self, up: Upstream) -> Lease:
+        """A `Lease` on `up`: ``with router.hold(up) as held:`` counts it in flight."""
+        return Lease(self, up)
 
     def acquire(self, up: Upstream) -> None:
         """Count one more request in flight on `up`."""

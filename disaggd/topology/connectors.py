@@ -339,3 +339,18 @@ def p2p_request_id(prefill_kv_addr: str, decode_kv_addr: str, suffix: str | None
 def kv_address(inst: InstanceSection) -> str:
     """``host:port`` of an instance's KV endpoint (P2pNccl ZMQ address)."""
     return f"{inst.advertised_kv_host}:{inst.kv_port}"
+
+
+def decode_kv_transfer_params(
+    returned: Mapping[str, Any], *, own_cached_tokens: bool
+) -> dict[str, Any]:
+    """The decode leg's ``kv_transfer_params``: what the prefill returned.
+
+    With ``own_cached_tokens`` the prefill's ``remote_prefill_cached_tokens`` is
+    left out: with it the decode reports the prefill's cache hits as its own
+    cached tokens (vllm/v1/engine/output_processor.py), and the proxy's KV check
+    needs the decode's own count.
+    """
+    if own_cached_tokens and "remote_prefill_cached_tokens" in returned:
+        return {k: v for k, v in returned.items() if k != "remote_prefill_cached_tokens"}
+    return dict(returned)
