@@ -13,12 +13,13 @@ import contextlib
 import json
 import os
 import select
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,14 @@ import structlog
 from structlog.testing import capture_logs
 
 from disaggd.supervise import guardian
+from disaggd.supervise.child import read_lines
+from disaggd.supervise.events import InstanceEvent, InstanceStatus
+from disaggd.supervise.health import ProbeResult
+from disaggd.supervise.osapi import LinuxOs
 from disaggd.supervise.states import ProcessState
-from disaggd.supervise.supervisor import InstanceStatus, Supervisor, read_lines
+from disaggd.supervise.supervisor import Supervisor
 from disaggd.topology import Topology, parse_config
-from disaggd.topology.spec import build_spec
+from disaggd.topology.spec import InstanceSpec, build_spec
 from tests.helpers import (
     async_wait_for,
     free_port,
@@ -83,21 +88,27 @@ def make_topo(tmp_path: Path, **kwargs: Any) -> Topology:
 
 @dataclass
 class Recorder:
-    """What the supervisor told its listeners, in order, with the monotonic time."""
+    """What the supervisor told its one listener (`on_event`), in order, with the time."""
 
+    events: list[tuple[float, InstanceEvent]] = field(default_factory=list)
     states: list[tuple[float, InstanceStatus]] = field(default_factory=list)
     ready: list[tuple[float, str, bool]] = field(default_factory=list)
     on_state: dict[tuple[str, ProcessState], Any] = field(default_factory=dict)
     seen: dict[tuple[str, ProcessState], list[Any]] = field(default_factory=dict)
 
-    def state(self, status: InstanceStatus) -> None:
-        self.states.append((time.monotonic(), status))
-        probe = self.on_state.get((status.name, status.state))
-        if probe is not None:
-            self.seen.setdefault((status.name, status.state), []).append(probe(status))
-
-    def ready_change(self, name: str, ready: bool) -> None:
-        self.ready.append((time.monotonic(), name, ready))
+    def event(self, event: InstanceEvent) -> None:
+        now = time.monotonic()
+        self.events.append((now, event))
+        assert event.state_changed or event.ready_changed  # no empty events
+        assert not event.ready or event.state is ProcessState.RUNNING
+        if event.ready_changed:
+            self.ready.append((now, event.name, event.ready))
+        if event.state_changed:
+            status = event.status
+            self.states.append((now, status))
+            probe = self.on_state.get((status.name, status.state))
+            if probe is not None:
+                self.seen.setdefault((status.name, status.state), []).append(probe(status))
 
     def path(self, name: str) -> list[ProcessState]:
         return [s.state for _, s in self.states if s.name == name]
@@ -113,7 +124,7 @@ class Recorder:
 
 
 def supervisor(topo: Topology, rec: Recorder, **kwargs: Any) -> Supervisor:
-    return Supervisor(topo, on_ready_change=rec.ready_change, on_state_change=rec.state, **kwargs)
+    return Supervisor(topo, on_event=rec.event, **kwargs)
 
 
 def start_detached(argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -134,6 +145,12 @@ def events(logs: Sequence[Mapping[str, Any]], event: str, instance: str | None =
         for e in logs
         if e["event"] == event and (instance is None or e.get("instance") == instance)
     ]
+
+
+def fatal_lines(logs: Sequence[Mapping[str, Any]], instance: str | None = None) -> list[Any]:
+    """Every log line about an instance going FATAL (there must be one per FATAL)."""
+    changes = events(logs, "instance_state", instance)
+    return [e for e in changes if e["to_state"] == "FATAL"]
 
 
 async def wait_state(
@@ -309,10 +326,9 @@ async def test_always_failing_start_goes_fatal_with_its_output_while_others_run(
                 S.STARTING,
                 S.FATAL,
             ]
-            # Not restarted any more.
-            await asyncio.sleep(1.0)
+            # FATAL is final: nothing was spawned after the third failure (that nothing ever
+            # will be is proven on the virtual clock: test_fake_crash_loop_...).
             assert len(events(logs, "child_spawned", "decode-0")) == 3
-            assert sup.status("decode-0").state is S.FATAL
             # The others keep running.
             other = sup.status("prefill-0")
             assert other.state is S.RUNNING and other.ready and other.pid == prefill_pid
@@ -324,13 +340,17 @@ async def test_always_failing_start_goes_fatal_with_its_output_while_others_run(
             st = sup.status("decode-0")
             assert st.state is S.RUNNING and st.ready and st.failures == 0 and st.restarts == 3
 
-    fatal = events(logs, "child_fatal", "decode-0")
+    # FATAL is logged once: the state change itself, at error level, with the report.
+    fatal = fatal_lines(logs, "decode-0")
     assert len(fatal) == 1
     assert fatal[0]["log_level"] == "error" and fatal[0]["role"] == "decode"
-    assert "3 failures in a row" in fatal[0]["reason"]
+    assert fatal[0]["from_state"] == "STARTING"
+    assert fatal[0]["reason"] == "exited with status 1 (unexpected); 3 failures in a row"
+    assert fatal[0]["failures"] == 3
+    assert fatal[0]["last_exit"] == "exited with status 1 (unexpected)"
+    assert fatal[0]["hint"] == "not restarted until `disaggd restart decode-0` or a reload"
     assert any("EngineCore failed to start" in line for line in fatal[0]["last_output"])
-    to_fatal = [e for e in events(logs, "instance_state", "decode-0") if e["to_state"] == "FATAL"]
-    assert to_fatal[0]["log_level"] == "error" and to_fatal[0]["from_state"] == "STARTING"
+    assert not [e for e in logs if e["log_level"] == "error" and "fatal" in e["event"]]
     # Child output is re-emitted line by line with its instance, role, stream and level.
     out = events(logs, "child_output", "decode-0")
     assert out and all({"role", "stream", "line"} <= set(e) for e in out)
@@ -437,31 +457,40 @@ async def test_child_ignoring_sigterm_is_killed_at_the_grace_deadline(tmp_path: 
     print(f"SIGTERM-ignoring child gone {took:.2f}s after shutdown (grace {grace}s)")
 
 
-async def test_a_group_that_survives_sigkill_is_fatal_not_restarted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A process stuck in the kernel (D state) cannot be simulated unprivileged: pretend."""
-    import disaggd.supervise.supervisor as mod
+class StuckGroupOs(LinuxOs):
+    """The real OS, except that one process group never disappears (as if stuck in D state)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck: int | None = None
+
+    def group_exists(self, pgid: int) -> bool:
+        return pgid == self.stuck or super().group_exists(pgid)
+
+
+async def test_a_group_that_survives_sigkill_is_fatal_not_restarted(tmp_path: Path) -> None:
+    """A process stuck in the kernel cannot be simulated unprivileged: the OS seam pretends."""
     topo = make_topo(tmp_path, supervisor={"stop_grace": 0.5})
+    fake = StuckGroupOs()
+    rec = Recorder()
     with capture_logs() as logs:
-        async with Supervisor(topo) as sup:
+        async with supervisor(topo, rec, os_api=fake, kill_wait=0.3) as sup:
             await sup.start_all()
             assert await sup.wait_ready(timeout=20)
             stuck = sup.status("decode-0").pid
             assert stuck is not None
-            real = mod.group_exists
-            monkeypatch.setattr(mod, "group_exists", lambda pgid: pgid == stuck or real(pgid))
-            monkeypatch.setattr(mod, "KILL_WAIT", 0.3)
+            fake.stuck = stuck
             os.kill(stuck, signal.SIGKILL)
-            await wait_state(sup, "decode-0", S.FATAL)
+            st = await wait_state(sup, "decode-0", S.FATAL)
+            assert st.last_exit == "killed by SIGKILL" and st.failures == 0
             assert sup.status("prefill-0").ready
             assert await sup.shutdown() is False  # not everything could be confirmed gone
-    fatal = events(logs, "child_fatal", "decode-0")
-    assert fatal and fatal[0]["reason"] == (
-        "killed by SIGKILL; its old process group survived SIGKILL"
-    )
-    assert events(logs, "child_group_stuck", "decode-0")
+    assert rec.path("decode-0") == [S.STARTING, S.RUNNING, S.EXITED, S.FATAL]
+    fatal = fatal_lines(logs, "decode-0")
+    assert len(fatal) == 1 and fatal[0]["from_state"] == "EXITED"
+    assert fatal[0]["reason"] == "killed by SIGKILL; its old process group survived SIGKILL"
+    stuck_lines = events(logs, "child_group_stuck", "decode-0")
+    assert len(stuck_lines) == 1 and stuck_lines[0]["pgid"] == stuck
     assert len(events(logs, "child_spawned", "decode-0")) == 1
 
 
@@ -487,7 +516,6 @@ async def test_port_in_use_is_a_clear_fatal_error_without_a_spawn_loop(tmp_path:
                 await async_wait_for(
                     lambda: all(s.state is S.FATAL for s in sup.statuses()), timeout=10
                 )
-                await asyncio.sleep(0.5)
                 decode = sup.status("decode-0")
                 prefill = sup.status("prefill-0")
                 assert decode.last_exit == f"port {http_port} (HTTP) in use on 127.0.0.1"
@@ -505,9 +533,11 @@ async def test_port_in_use_is_a_clear_fatal_error_without_a_spawn_loop(tmp_path:
     finally:
         for s in squatters:
             s.close()
-    fatal = {e["instance"]: e for e in events(logs, "child_fatal")}
+    fatal = {e["instance"]: e for e in fatal_lines(logs)}
+    assert len(fatal_lines(logs)) == 2
     assert fatal["decode-0"]["log_level"] == "error"
-    assert f"port {http_port} (HTTP) in use" in fatal["decode-0"]["reason"]
+    assert fatal["decode-0"]["from_state"] == "STARTING"
+    assert fatal["decode-0"]["reason"] == f"port {http_port} (HTTP) in use on 127.0.0.1"
     assert len(events(logs, "child_spawned", "decode-0")) == 1
     assert not events(logs, "child_spawned", "prefill-0")
 
@@ -567,9 +597,10 @@ async def test_remote_instance_is_probed_never_spawned_never_fatal(
                 # Gone: not ready, back to STARTING, probed on; never FATAL.
                 os.killpg(remote.pid, signal.SIGTERM)
                 remote.wait(timeout=10)
-                await wait_state(sup, "decode-0", S.STARTING, ready=False)
-                await asyncio.sleep(1.0)
-                assert sup.status("decode-0").state is S.STARTING
+                gone = await wait_state(sup, "decode-0", S.STARTING, ready=False)
+                assert gone.failures == 0 and gone.restarts == 0
+                # Probed on, never FATAL however long it stays away: proven on the virtual
+                # clock (test_fake_remote_...); here, that it comes back.
                 remote = start_detached(argv, tmp_path)
                 reap.append(remote.pid)
                 assert await sup.wait_ready(["decode-0"], timeout=20)
@@ -790,3 +821,351 @@ async def test_fast_writer_does_not_starve_the_loop(tmp_path: Path) -> None:
     await task
     assert count == 50_000
     assert ticks > 100  # the loop ran other tasks meanwhile
+
+
+# -- the same supervisor on a fake OS and a virtual clock ---------------------------------------
+#
+# What must never happen again (a spawn after FATAL, a remote instance going FATAL) is proven
+# here over an hour of virtual time in milliseconds: the OS seam is faked (no processes, no
+# guardian) and the event loop's clock jumps to the next timer whenever nothing is runnable.
+
+
+class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """A selector that, instead of waiting `timeout` seconds, moves the loop's clock."""
+
+    loop: VirtualClockLoop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready: list[Any] = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:
+            raise RuntimeError("deadlock: nothing is scheduled and nothing can wake the loop")
+        self.loop.now += timeout
+        return []
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose `time()` only moves when every task is waiting for a timer."""
+
+    def __init__(self) -> None:
+        selector = _JumpingSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def run_virtual(main: Callable[[VirtualClockLoop], Coroutine[Any, Any, None]]) -> None:
+    loop = VirtualClockLoop()
+    try:
+        loop.run_until_complete(main(loop))
+    finally:
+        loop.close()
+
+
+@dataclass
+class Script:
+    """How a fake child behaves: healthy `ready_after` s after spawn (None: never); exits
+    with `rc` after `exit_after` s (None: only when signalled)."""
+
+    ready_after: float | None = 0.0
+    exit_after: float | None = None
+    rc: int = 1
+
+
+class FakeProcess:
+    def __init__(self, pid: int, loop: asyncio.AbstractEventLoop, script: Script) -> None:
+        self.pid = pid
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self.ready_at = None if script.ready_after is None else loop.time() + script.ready_after
+        if script.exit_after is not None:
+            loop.call_later(script.exit_after, self.exit, script.rc)
+
+    def exit(self, rc: int) -> None:
+        if not self.exited.done():
+            self.exited.set_result(rc)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeOs:
+    """An `OsApi` with scripted children, scripted ports and a scripted remote; also the probe."""
+
+    def __init__(self, scripts: Mapping[str, Sequence[Script]] | None = None) -> None:
+        self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
+        self.spawns: list[tuple[float, str]] = []
+        self.groups: dict[int, FakeProcess] = {}
+        self.by_url: dict[str, FakeProcess] = {}
+        self.busy_ports: set[int] = set()
+        self.remote_up: set[str] = set()
+        self.signals: list[tuple[int, int]] = []
+        self.released: list[int] = []
+        self.closed = False
+        self._pids = iter(range(4_000_001, 5_000_000))
+
+    async def spawn(self, spec: InstanceSpec) -> FakeProcess:
+        loop = asyncio.get_running_loop()
+        queue = self.scripts.get(spec.name, [])
+        script = queue.pop(0) if len(queue) > 1 else (queue[0] if queue else Script())
+        proc = FakeProcess(next(self._pids), loop, script)
+        self.spawns.append((loop.time(), spec.name))
+        self.groups[proc.pid] = self.by_url[spec.base_url] = proc
+        return proc
+
+    def signal_group(self, pgid: int, sig: int) -> bool:
+        proc = self.groups.get(pgid)
+        if proc is None or proc.exited.done():
+            return False
+        self.signals.append((pgid, sig))
+        if sig in (signal.SIGTERM, signal.SIGKILL):
+            asyncio.get_running_loop().call_soon(proc.exit, -sig)
+        return True
+
+    def group_exists(self, pgid: int) -> bool:
+        proc = self.groups.get(pgid)
+        return proc is not None and not proc.exited.done()
+
+    def reap_group(self, pgid: int) -> None:
+        pass
+
+    def release_group(self, pgid: int) -> None:
+        self.released.append(pgid)
+
+    def group_members(self, pgid: int) -> list[int]:
+        return [pgid] if self.group_exists(pgid) else []
+
+    def port_in_use(self, host: str, port: int) -> bool:
+        return port in self.busy_ports
+
+    def set_subreaper(self, enabled: bool) -> bool | None:
+        return None
+
+    def prepare_dirs(self, spec: InstanceSpec) -> None:
+        pass
+
+    def empty_dir(self, path: Path) -> None:
+        pass
+
+    @property
+    def guardian_pid(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def probe(self, url: str, timeout: float) -> ProbeResult:
+        proc = self.by_url.get(url)
+        now = asyncio.get_running_loop().time()
+        if url in self.remote_up:
+            ok = True
+        elif proc is None or proc.exited.done() or proc.ready_at is None:
+            ok = False
+        else:
+            ok = now >= proc.ready_at
+        return ProbeResult(ok, 200 if ok else None, None if ok else "connection refused", 0.0)
+
+    def spawned(self, name: str) -> list[float]:
+        return [t for t, n in self.spawns if n == name]
+
+
+def fake_supervisor(
+    topo: Topology, fake: FakeOs, loop: VirtualClockLoop, **kwargs: Any
+) -> Supervisor:
+    return Supervisor(topo, os_api=fake, probe=fake.probe, clock=loop.time, **kwargs)
+
+
+def test_fake_crash_loop_backs_off_exactly_then_fatal_and_never_again(tmp_path: Path) -> None:
+    # Timings of standin_topology: backoff 0.2 s doubling, capped at 1 s; FATAL at 3 failures.
+    topo = make_topo(tmp_path)
+    fake = FakeOs({"decode-0": [Script(ready_after=None, exit_after=0.5, rc=1)]})
+    rec: list[InstanceEvent] = []
+
+    async def main(loop: VirtualClockLoop) -> None:
+        async with fake_supervisor(topo, fake, loop, on_event=rec.append) as sup:
+            t0 = loop.time()
+            await sup.start_all()
+            assert await sup.wait_ready(["prefill-0"], timeout=5)
+            assert await sup.wait_ready(timeout=3600) is False  # False at FATAL, not at 3600
+            st = sup.status("decode-0")
+            assert (st.state, st.failures, st.restarts, st.pid) == (S.FATAL, 3, 2, None)
+            assert st.since == pytest.approx(t0 + 0.5 + 0.2 + 0.5 + 0.4 + 0.5)
+            assert st.last_exit == "exited with status 1 (unexpected)"
+            # spawn, 0.5 s life, 0.2 s backoff, 0.5 s life, 0.4 s backoff, 0.5 s life: FATAL.
+            expected = [t0, t0 + 0.7, t0 + 1.6]
+            assert fake.spawned("decode-0") == pytest.approx(expected)
+            # An hour later: never spawned again, still FATAL; the other never restarted.
+            await asyncio.sleep(3600)
+            assert fake.spawned("decode-0") == pytest.approx(expected)
+            assert sup.status("decode-0").state is S.FATAL
+            assert fake.spawned("prefill-0") == [t0]
+            # An operator's restart clears FATAL.
+            fake.scripts["decode-0"] = [Script()]
+            assert await sup.restart("decode-0") is True
+            st = sup.status("decode-0")
+            assert (st.state, st.ready, st.failures, st.restarts) == (S.RUNNING, True, 0, 3)
+        assert fake.closed
+
+    run_virtual(main)
+    reasons = [e.reason for e in rec if e.name == "decode-0" and e.state_changed]
+    assert reasons[:6] == [
+        "start",
+        "exited with status 1 (unexpected); failure 1 of 3, next start in 0.2s",
+        "restart 1 after: exited with status 1 (unexpected)",
+        "exited with status 1 (unexpected); failure 2 of 3, next start in 0.4s",
+        "restart 2 after: exited with status 1 (unexpected)",
+        "exited with status 1 (unexpected); 3 failures in a row",
+    ]
+
+
+def test_fake_event_stream_of_a_crash_and_the_deprecated_adapters(tmp_path: Path) -> None:
+    topo = make_topo(tmp_path)
+    fake = FakeOs({"decode-0": [Script(exit_after=1.0, rc=0), Script()]})
+    seen: list[InstanceEvent] = []
+    ready: list[tuple[str, bool]] = []
+    states: list[tuple[str, ProcessState, bool]] = []
+
+    def on_event(event: InstanceEvent) -> None:
+        seen.append(event)
+        raise RuntimeError("a broken listener must not break supervision")
+
+    async def main(loop: VirtualClockLoop) -> None:
+        sup = fake_supervisor(
+            topo,
+            fake,
+            loop,
+            on_event=on_event,
+            on_ready_change=lambda name, r: ready.append((name, r)),
+            on_state_change=lambda st: states.append((st.name, st.state, st.ready)),
+        )
+        async with sup:
+            t0 = loop.time()
+            await sup.start_all()
+            await asyncio.sleep(2.5)  # RUNNING again for 1.3 s: not yet stable (2 s)
+            st = sup.status("decode-0")
+            assert (st.state, st.ready, st.restarts, st.failures) == (S.RUNNING, True, 1, 1)
+            assert st.last_exit == "exited with status 0 (unexpected)"  # vllm #48966
+            assert st.since == pytest.approx(t0 + 1.2)
+            assert st.uptime == pytest.approx(2.5 - 1.2)
+
+    with capture_logs() as logs:
+        run_virtual(main)
+    decode = [(e.previous, e.state, e.was_ready, e.ready) for e in seen if e.name == "decode-0"]
+    assert decode == [
+        (S.STOPPED, S.STARTING, False, False),
+        (S.STARTING, S.RUNNING, False, True),  # RUNNING and ready: one event
+        (S.RUNNING, S.EXITED, True, False),
+        (S.EXITED, S.BACKOFF, False, False),
+        (S.BACKOFF, S.STARTING, False, False),
+        (S.STARTING, S.RUNNING, False, True),
+        (S.RUNNING, S.RUNNING, True, False),  # shutdown: not ready at once ...
+        (S.RUNNING, S.STOPPING, False, False),  # ... then stopped
+        (S.STOPPING, S.STOPPED, False, False),
+    ]
+    # The adapters are projections of the same stream, in the same order.
+    assert [(n, r) for n, r in ready if n == "decode-0"] == [
+        ("decode-0", True),
+        ("decode-0", False),
+        ("decode-0", True),
+        ("decode-0", False),
+    ]
+    assert [(s, r) for n, s, r in states if n == "decode-0"] == [
+        (e.state, e.ready) for e in seen if e.name == "decode-0" and e.state_changed
+    ]
+    failed = events(logs, "callback_failed")
+    assert len(failed) == len(seen) and {e["callback"] for e in failed} == {"on_event"}
+
+
+def test_fake_stable_run_clears_the_failure_count(tmp_path: Path) -> None:
+    # stable_after = 2 s: a 1 s run counts on; a 5 s run starts the count afresh.
+    topo = make_topo(tmp_path)
+    scripts = [Script(exit_after=1.0), Script(exit_after=5.0), Script()]
+    fake = FakeOs({"decode-0": scripts})
+
+    async def main(loop: VirtualClockLoop) -> None:
+        async with fake_supervisor(topo, fake, loop) as sup:
+            await sup.start_all()
+            await asyncio.sleep(1.1)
+            assert sup.status("decode-0").failures == 1
+            await asyncio.sleep(3.0)  # RUNNING again for 2.9 s: stable, the count is cleared
+            assert sup.status("decode-0").failures == 0
+            await asyncio.sleep(3.0)  # then it crashed: failure 1 again, not 2
+            st = sup.status("decode-0")
+            assert (st.state, st.failures, st.restarts) == (S.RUNNING, 1, 2)
+
+    with capture_logs() as logs:
+        run_virtual(main)
+    stable = events(logs, "child_stable", "decode-0")
+    assert [e["failures_cleared"] for e in stable] == [1]
+
+
+def test_fake_port_in_use_is_fatal_after_port_wait_and_never_spawned(tmp_path: Path) -> None:
+    topo = make_topo(tmp_path)
+    port = topo.instance("decode-0").port
+    assert port is not None
+    fake = FakeOs()
+    fake.busy_ports.add(port)
+
+    async def main(loop: VirtualClockLoop) -> None:
+        async with fake_supervisor(topo, fake, loop, port_wait=3.0) as sup:
+            t0 = loop.time()
+            await sup.start_all()
+            assert await sup.wait_ready(timeout=3600) is False
+            st = sup.status("decode-0")
+            assert (st.state, st.failures, st.restarts) == (S.FATAL, 0, 0)
+            assert st.last_exit == f"port {port} (HTTP) in use on 127.0.0.1"
+            assert t0 + 3.0 <= st.since <= t0 + 3.2 + 1e-6  # retried every 0.2 s for 3 s
+            await asyncio.sleep(3600)
+            assert fake.spawned("decode-0") == []
+            assert sup.status("decode-0").state is S.FATAL
+
+    run_virtual(main)
+
+
+def test_fake_remote_instance_is_never_fatal(tmp_path: Path) -> None:
+    doc = standin_topology(tmp_path, supervisor=STEADY)
+    url = f"http://127.0.0.1:{free_port()}"
+    doc["instance"][1] = {"name": "decode-0", "role": "decode", "url": url}
+    topo = parse_config(doc, tmp_path / "disaggd.toml")
+    fake = FakeOs()
+
+    async def main(loop: VirtualClockLoop) -> None:
+        async with fake_supervisor(topo, fake, loop) as sup:
+            await sup.start_all()
+            await asyncio.sleep(600)  # ten minutes of refused probes
+            st = sup.status("decode-0")
+            assert (st.state, st.ready, st.failures, st.restarts) == (S.STARTING, False, 0, 0)
+            assert st.last_exit == "not healthy: connection refused"
+            fake.remote_up.add(url)
+            assert await sup.wait_ready(["decode-0"], timeout=2)
+            fake.remote_up.discard(url)
+            await asyncio.sleep(600)
+            st = sup.status("decode-0")
+            assert (st.state, st.ready, st.failures) == (S.STARTING, False, 0)
+            assert st.last_exit == "not healthy: connection refused"
+            assert fake.spawned("decode-0") == []
+
+    run_virtual(main)
+
+
+def test_fake_stop_during_backoff_is_stopped_without_a_spawn(tmp_path: Path) -> None:
+    topo = make_topo(tmp_path, supervisor={"backoff_initial": 30, "backoff_max": 60})
+    fake = FakeOs({"decode-0": [Script(exit_after=0.5)]})
+
+    async def main(loop: VirtualClockLoop) -> None:
+        async with fake_supervisor(topo, fake, loop) as sup:
+            await sup.start_all()
+            await asyncio.sleep(1.0)
+            assert sup.status("decode-0").state is S.BACKOFF
+            t = loop.time()
+            assert await sup.shutdown() is True
+            assert loop.time() == t  # the delay is cut short, not waited out
+            assert sup.status("decode-0").state is S.STOPPED
+            assert len(fake.spawned("decode-0")) == 1
+
+    run_virtual(main)
