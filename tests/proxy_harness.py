@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 
 from disaggd.observe.metrics import Metrics
+from disaggd.proxy.app import Proxy, bind_listener
 from disaggd.proxy.router import Router
-from disaggd.proxy.app import Proxy
 from disaggd.topology import Topology, parse_config
 from disaggd.topology.spec import build_spec
 from tests.helpers import free_port
@@ -195,7 +195,9 @@ async def serve_proxy(
             router.set_ready(inst.name, True)
     stop = asyncio.Event()
     bound = asyncio.Event()
-    task = asyncio.create_task(proxy.serve(stop.wait, bound=bound))
+    # Bound before serving, as the daemon does before its children start.
+    sock = bind_listener(topo.proxy.host, topo.proxy.port)
+    task = asyncio.create_task(proxy.serve(stop.wait, sock=sock, bound=bound))
     await asyncio.wait_for(bound.wait(), 5)
     try:
         yield Running(proxy, router, metrics, topo, f"http://127.0.0.1:{topo.proxy.port}")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from disaggd.observe.metrics import Metrics
+from disaggd.proxy.app import bind_listener
 from disaggd.proxy.errors import HTTPError, stream_error_event
-from disaggd.proxy.handoff import decode_body, prefill_request
+from disaggd.proxy.failures import TABLE, Failures, Fault, Leg
+from disaggd.proxy.handoff import decode_body, handoff_for, prefill_request
 from disaggd.proxy.kvcheck import kv_verdict, usage_from
+from disaggd.proxy.record import Accounting, Record
 from disaggd.proxy.request import (
     CHAT,
     COMPLETIONS,
@@ -20,7 +25,12 @@ from disaggd.proxy.request import (
     parse_request,
     prompt_chars,
 )
+from disaggd.proxy.router import Upstream
+from disaggd.proxy.settings import Settings
 from disaggd.proxy.sse import event_end, synthesize_stream
+from disaggd.topology import Role, connectors, parse_config
+from disaggd.topology.connectors import Handoff
+from tests.helpers import standin_topology
 from tests.proxy_harness import metric_value, sse_events
 
 C = COMPLETIONS
@@ -253,3 +263,94 @@ def test_metrics_registry_is_private_and_renders() -> None:
         "disaggd_retries_total",
     ):
         assert f"# TYPE {name.removesuffix('_total')}" in text
+
+
+# -- handoff strategies ---------------------------------------------------------------------------
+
+
+def _up(name: str, kv: str | None) -> Upstream:
+    role = Role.PREFILL if name.startswith("p") else Role.DECODE
+    return Upstream(name=name, role=role, base_url="http://h:1", kv_address=kv)
+
+
+def test_storage_handoff_adds_nothing() -> None:
+    h = handoff_for(Handoff.STORAGE, kv_check=True)
+    req = {"model": "m", "prompt": ["a", "b"], "max_tokens": 9}
+    assert json.loads(h.prefill_body(req)) == prefill_request(req, None)
+    assert h.decode_params({"kv_transfer_params": {"x": 1}}) == (None, True)
+    assert h.splits_batches and not h.pins_decode
+    d = _up("d", "h:2")
+    assert h.request_id("rid", 0, None, _up("p", "h:1"), d) == "rid"
+    assert h.request_id("rid", 2, None, None, d) == "rid-r2"
+
+
+def test_kv_params_handoff_carries_the_prefills_params() -> None:
+    h = handoff_for(Handoff.KV_TRANSFER_PARAMS, kv_check=True)
+    body = json.loads(h.prefill_body({"model": "m", "prompt": "p"}))
+    assert body["kv_transfer_params"] == connectors.prefill_kv_transfer_params()
+    returned = {"remote_host": "h", "remote_prefill_cached_tokens": 16}
+    # The KV check needs the decode's own cached count (vllm output_processor.py).
+    assert h.decode_params({"kv_transfer_params": returned}) == ({"remote_host": "h"}, True)
+    unchecked = handoff_for(Handoff.KV_TRANSFER_PARAMS, kv_check=False)
+    assert unchecked.decode_params({"kv_transfer_params": returned}) == (returned, True)
+    assert h.decode_params({"kv_transfer_params": None}) == (None, False)
+    assert not h.splits_batches and not h.pins_decode
+
+
+def test_request_id_handoff_names_both_kv_addresses() -> None:
+    h = handoff_for(Handoff.REQUEST_ID, kv_check=True)
+    p, d = _up("p", "10.0.0.1:14579"), _up("d", "10.0.0.2:14580")
+    assert h.pins_decode
+    assert h.request_id("abc", 0, None, p, d) == (
+        "___prefill_addr_10.0.0.1:14579___decode_addr_10.0.0.2:14580_abc"
+    )
+    rid = h.request_id("c:l_i", 1, "c:l_i", p, d)
+    prefix = "___prefill_addr_10.0.0.1:14579___decode_addr_10.0.0.2:14580_cli-"
+    assert rid.startswith(prefix) and rid.endswith("-r1")
+    assert ":" not in rid[len(prefix) :] and "_" not in rid[len(prefix) :]
+    # No KV address known, or no prefill (a decode-only leg): a plain id.
+    assert h.request_id("abc", 1, None, _up("p", None), d) == "abc-r1"
+    assert h.request_id("abc", 0, None, None, d) == "abc"
+
+
+# -- the failure table --------------------------------------------------------------------------
+
+
+def test_failure_table_counts_tags_and_decides(tmp_path: Path) -> None:
+    metrics = Metrics()
+    failures = Failures(Accounting(metrics))
+    s = Settings.from_topology(parse_config(standin_topology(tmp_path, prefill=1, decode=1)))
+    rec = Record(C, 0.0, s, _no_send)
+    exc = ConnectionResetError("gone")
+    rule = failures.fail(rec, Leg.PREFILL, Fault.BROKEN, "prefill-0", exc)
+    assert rule.retry and rule.status is None
+    assert rec.error == "prefill_ConnectionResetError:prefill-0"
+    rule = failures.fail(rec, Leg.DECODE, Fault.STREAM_SHORT, "decode-0")
+    assert rule.error("decode-0").status == 502 and rec.error == "decode_stream_cut:decode-0"
+    rule = failures.fail(rec, Leg.PREFILL, Fault.HTTP_4XX, "prefill-0", status=413)
+    assert not rule.retry and rule.status is None and rec.error == "prefill_http_413:prefill-0"
+    assert failures.fail(rec, Leg.DECODE, Fault.TIMEOUT, "d").error("d").status == 504
+    text = metrics.render().decode()
+    assert metric_value(text, "disaggd_upstream_errors_total", kind="disconnect") == 1
+    assert metric_value(text, "disaggd_upstream_errors_total", kind="stream_cut") == 1
+    # Every fault a prefill or decode leg can meet has a row.
+    for leg, faults in (
+        (Leg.PREFILL, set(Fault) - {Fault.STREAM_CUT, Fault.STREAM_SHORT}),
+        (Leg.DECODE, set(Fault) - {Fault.DEADLINE, Fault.BAD_RESPONSE}),
+    ):
+        assert {f for (lg, f) in TABLE if lg is leg} == faults
+
+
+async def _no_send(_msg: Any) -> None:
+    raise AssertionError("nothing is sent here")
+
+
+def test_bind_listener_names_the_address_in_use() -> None:
+    sock = bind_listener("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}") as info:
+            bind_listener("127.0.0.1", port)
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        sock.close()

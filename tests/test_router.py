@@ -10,6 +10,7 @@ import pytest
 
 from disaggd.proxy.router import Router, Upstream
 from disaggd.topology import Role, Topology, parse_config
+from disaggd.topology.spec import build_specs
 from tests.helpers import standin_topology
 
 
@@ -246,3 +247,25 @@ def test_pick_with_no_instances_of_a_role_after_reload(tmp_path: Path, role: Rol
             router.set_ready(up.name, False)
     assert router.pick(role) is None
     assert router.ready_count(role) == 0
+
+
+def test_lease_holds_and_moves(tmp_path: Path) -> None:
+    router = Router(_topo(tmp_path))
+    d = {u.name: u for u in router.upstreams()}
+    with router.hold(d["decode-0"]) as held:
+        assert (d["decode-0"].outstanding, d["decode-1"].outstanding) == (1, 0)
+        held.move(d["decode-1"])
+        assert held.up is d["decode-1"]
+        assert (d["decode-0"].outstanding, d["decode-1"].outstanding) == (0, 1)
+    assert d["decode-1"].outstanding == 0
+    with pytest.raises(RuntimeError), router.hold(d["decode-2"]):
+        raise RuntimeError("the lease is released on errors too")
+    assert d["decode-2"].outstanding == 0
+
+
+def test_upstreams_come_from_instance_specs(tmp_path: Path) -> None:
+
+    topo = _topo(tmp_path)
+    specs = build_specs(topo)
+    got = {u.name: (u.role, u.base_url, u.kv_address) for u in Router(topo).upstreams()}
+    assert got == {n: (sp.role, sp.base_url, sp.kv_address) for n, sp in specs.items()}

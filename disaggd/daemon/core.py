@@ -29,8 +29,8 @@ from disaggd.observe import logs
 from disaggd.observe.looplag import LoopLag
 from disaggd.observe.metrics import Metrics
 from disaggd.observe.sdnotify import Notifier, watchdog_interval
-from disaggd.proxy.router import Router
 from disaggd.proxy.app import Proxy
+from disaggd.proxy.router import Router
 from disaggd.supervise.supervisor import InstanceStatus, Supervisor, port_in_use
 from disaggd.topology import ConfigError, Role, Topology, load_config
 from disaggd.topology.plan import diff

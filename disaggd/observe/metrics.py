@@ -28,12 +28,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: Decisions the proxy takes for a request (the ``decision`` label).
-DECISIONS = ("disaggregated", "decode_only", "fallback", "prefill_only", "none")
-
-#: Verdicts of the per-request KV check (the ``verdict`` label).
-KV_VERDICTS = ("moved", "recomputed", "short_prompt", "unknown")
-
 # Buckets (seconds) modelled on vLLM's own histograms (vllm/v1/metrics/loggers.py),
 # with finer steps at the low end where a proxy's overhead shows.
 #: Event-loop lag: a healthy loop stays under a millisecond; a probe timeout is seconds.
@@ -100,10 +94,10 @@ class Metrics:
         prefill_latency: ``disaggd_prefill_latency_seconds{instance}``, one
             prefill leg (successful or not).
         upstream_errors: ``disaggd_upstream_errors_total{instance,kind}``; kinds:
-            ``connect``, ``timeout``, ``http_5xx``, ``http_4xx``, ``bad_response``,
-            ``stream_cut``.
+            ``connect``, ``timeout``, ``disconnect``, ``http_5xx``, ``http_4xx``,
+            ``bad_response``, ``stream_cut`` (`disaggd.proxy.failures.TABLE`).
         retries: ``disaggd_retries_total{role}``, legs sent again to another instance.
-        kv_check: ``disaggd_kv_check_total{verdict}``, see `disaggd.proxy.kv_verdict`.
+        kv_check: ``disaggd_kv_check_total{verdict}``, see `disaggd.proxy.kvcheck.kv_verdict`.
         inflight: ``disaggd_requests_in_flight``, client requests being served.
         loop_lag / loop_lag_hist: ``disaggd_event_loop_lag_seconds`` (largest lag of
             the last window) and its samples; see `disaggd.observe.looplag`.
