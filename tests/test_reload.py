@@ -86,6 +86,8 @@ def test_listen_address_and_logging_changes_need_a_restart(tmp_path: Path) -> No
 def test_remote_instance_fingerprint_is_its_url(tmp_path: Path) -> None:
     doc = standin_topology(tmp_path)
     doc["instance"].append({"name": "remote-d", "role": "decode", "url": "http://10.1.2.3:8200"})
+    for inst in doc["instance"][:-1]:
+        inst["kv_host"] = "10.1.2.1"  # reachable from the remote peer's host
     new_doc = copy.deepcopy(doc)
     new_doc["instance"][-1]["url"] = "http://10.1.2.4:8200"
     plan = diff(running_of(doc), parse_config(new_doc), parse_config(doc))

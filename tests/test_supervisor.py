@@ -1023,13 +1023,10 @@ def test_fake_crash_loop_backs_off_exactly_then_fatal_and_never_again(tmp_path: 
     ]
 
 
-def test_fake_event_stream_of_a_crash_and_the_deprecated_adapters(tmp_path: Path) -> None:
+def test_fake_event_stream_of_a_crash(tmp_path: Path) -> None:
     topo = make_topo(tmp_path)
     fake = FakeOs({"decode-0": [Script(exit_after=1.0, rc=0), Script()]})
     seen: list[InstanceEvent] = []
-    ready: list[tuple[str, bool]] = []
-    states: list[tuple[str, ProcessState, bool]] = []
-
     def on_event(event: InstanceEvent) -> None:
         seen.append(event)
         raise RuntimeError("a broken listener must not break supervision")
@@ -1040,8 +1037,6 @@ def test_fake_event_stream_of_a_crash_and_the_deprecated_adapters(tmp_path: Path
             fake,
             loop,
             on_event=on_event,
-            on_ready_change=lambda name, r: ready.append((name, r)),
-            on_state_change=lambda st: states.append((st.name, st.state, st.ready)),
         )
         async with sup:
             t0 = loop.time()
@@ -1066,16 +1061,6 @@ def test_fake_event_stream_of_a_crash_and_the_deprecated_adapters(tmp_path: Path
         (S.RUNNING, S.RUNNING, True, False),  # shutdown: not ready at once ...
         (S.RUNNING, S.STOPPING, False, False),  # ... then stopped
         (S.STOPPING, S.STOPPED, False, False),
-    ]
-    # The adapters are projections of the same stream, in the same order.
-    assert [(n, r) for n, r in ready if n == "decode-0"] == [
-        ("decode-0", True),
-        ("decode-0", False),
-        ("decode-0", True),
-        ("decode-0", False),
-    ]
-    assert [(s, r) for n, s, r in states if n == "decode-0"] == [
-        (e.state, e.ready) for e in seen if e.name == "decode-0" and e.state_changed
     ]
     failed = events(logs, "callback_failed")
     assert len(failed) == len(seen) and {e["callback"] for e in failed} == {"on_event"}

@@ -31,7 +31,8 @@ from disaggd.observe.metrics import Metrics
 from disaggd.observe.sdnotify import Notifier, watchdog_interval
 from disaggd.proxy.app import Proxy
 from disaggd.proxy.router import Router
-from disaggd.supervise.supervisor import InstanceStatus, Supervisor, port_in_use
+from disaggd.supervise.events import InstanceEvent
+from disaggd.supervise.supervisor import Supervisor, port_in_use
 from disaggd.topology import ConfigError, Role, Topology, load_config
 from disaggd.topology.plan import diff
 from disaggd.topology.spec import build_specs
@@ -143,11 +144,7 @@ class Daemon:
 
     async def _run_supervised(self) -> int:
         self._clean_storage()
-        supervisor = Supervisor(
-            self.topo,
-            on_ready_change=lambda name, _ready: self._on_event(supervisor.status(name)),
-            on_state_change=self._on_event,
-        )
+        supervisor = Supervisor(self.topo, on_event=self._on_event)
         self.readiness = Readiness(self.router, self.metrics, self.notifier, supervisor.statuses)
         async with supervisor:
             self.supervisor = supervisor
@@ -218,9 +215,9 @@ class Daemon:
 
     # -- instance events ----------------------------------------------------------------------
 
-    def _on_event(self, status: InstanceStatus) -> None:
+    def _on_event(self, event: InstanceEvent) -> None:
         assert self.readiness is not None
-        self.readiness.observe(status)
+        self.readiness.observe(event)
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:

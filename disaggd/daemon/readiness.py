@@ -16,8 +16,8 @@ from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
 from disaggd.observe.sdnotify import Notifier
 from disaggd.proxy.router import Router
+from disaggd.supervise.events import InstanceEvent, InstanceStatus
 from disaggd.supervise.states import ProcessState
-from disaggd.supervise.supervisor import InstanceStatus
 from disaggd.topology import Role
 
 log = get_logger("disaggd.daemon")
@@ -47,10 +47,13 @@ class Readiness:
         #: Set while the daemon shuts down: STATUS= then says "stopping" (sdnotify).
         self.quiet = False
 
-    def observe(self, status: InstanceStatus) -> None:
-        """Handle one event: `status` is the instance's snapshot right after the change."""
-        self._router.set_ready(status.name, status.ready)
-        self._metrics.observe_instance(status.name, status.role, status.state.value)
+    def observe(self, event: InstanceEvent) -> None:
+        """Handle one event of the supervisor (state, readiness or both changed)."""
+        status = event.status
+        if event.ready_changed:
+            self._router.set_ready(status.name, status.ready)
+        if event.state_changed:
+            self._metrics.observe_instance(status.name, status.role, status.state.value)
         if self.quiet:
             return
         line = self.line()

@@ -11,8 +11,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from disaggd.supervise.events import InstanceStatus
 from disaggd.supervise.states import ProcessState
-from disaggd.supervise.supervisor import InstanceStatus
 
 #: Output lines of each instance carried in a status reply.
 STATUS_OUTPUT_LINES = 10

@@ -46,8 +46,6 @@ from disaggd.topology.spec import InstanceSpec, build_spec
 __all__ = [
     "InstanceEvent",
     "InstanceStatus",
-    "ReadyCallback",
-    "StateCallback",
     "Supervisor",
     "port_in_use",
     "read_lines",
@@ -55,37 +53,7 @@ __all__ = [
 
 log = get_logger(__name__)
 
-#: Deprecated listener shapes (see `Supervisor`): ``f(name, ready)`` and ``f(status)``.
-ReadyCallback = Callable[[str, bool], None]
-StateCallback = Callable[[InstanceStatus], None]
-
 _S = ProcessState
-
-
-def _listeners(
-    on_event: EventListener | None,
-    on_ready_change: ReadyCallback | None,
-    on_state_change: StateCallback | None,
-) -> list[EventListener]:
-    """`on_event`, then adapters feeding the two older callbacks from the same stream."""
-    listeners: list[EventListener] = [] if on_event is None else [on_event]
-    if on_ready_change is not None:
-        ready_cb = on_ready_change
-
-        def ready_adapter(event: InstanceEvent) -> None:
-            if event.ready_changed:
-                ready_cb(event.name, event.ready)
-
-        listeners.append(ready_adapter)
-    if on_state_change is not None:
-        state_cb = on_state_change
-
-        def state_adapter(event: InstanceEvent) -> None:
-            if event.state_changed:
-                state_cb(event.status)
-
-        listeners.append(state_adapter)
-    return listeners
 
 
 class _Changes:
@@ -124,10 +92,6 @@ class Supervisor:
             an instance's state or readiness (one `InstanceEvent` per change;
             readiness turns False at once on any exit, failed probes or stop).
             Must not block; an exception is logged and ignored.
-        on_ready_change: deprecated adapter: ``f(name, ready)`` for events whose
-            readiness changed. Use `on_event`.
-        on_state_change: deprecated adapter: ``f(status)`` for events whose state
-            changed. Use `on_event`.
         clock: monotonic seconds; every timeout and timestamp uses it.
         os_api: the OS seam (default `LinuxOs`: real processes and a guardian).
         probe: the health probe ``await probe(base_url, timeout_s)`` (default:
@@ -141,8 +105,6 @@ class Supervisor:
         topo: Topology,
         *,
         on_event: EventListener | None = None,
-        on_ready_change: ReadyCallback | None = None,
-        on_state_change: StateCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         os_api: OsApi | None = None,
         probe: Probe | None = None,
@@ -150,7 +112,7 @@ class Supervisor:
         kill_wait: float = KILL_WAIT,
     ) -> None:
         self._topo = topo
-        self._listeners = _listeners(on_event, on_ready_change, on_state_change)
+        self._on_event = on_event
         self._clock = clock
         self._os: OsApi = os_api if os_api is not None else LinuxOs()
         self._probe = probe
@@ -381,11 +343,12 @@ class Supervisor:
     def _emit(self, event: InstanceEvent) -> None:
         """The one listener channel (every `Instance.change` ends here)."""
         self._changes.notify()
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("callback_failed", callback=listener.__name__, instance=event.name)
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("callback_failed", callback="on_event", instance=event.name)
 
     def _start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._tg is not None
