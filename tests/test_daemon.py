@@ -361,7 +361,10 @@ def test_proxy_port_in_use_fails_fast(tmp_path: Path) -> None:
         with d:
             d.start(wait_ready=False)
             assert d.wait(30) == 1
-            assert "proxy_port_unavailable" in d.log()
+            log = d.log()
+            assert "proxy_port_unavailable" in log
+            assert f"cannot listen on 127.0.0.1:{doc['proxy']['port']}" in log
+            assert "child_spawned" not in log  # bound before any child starts
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is absent")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,10 @@ from disaggd.observe import logs
 from disaggd.observe.looplag import LoopLag
 from disaggd.observe.metrics import Metrics
 from disaggd.observe.sdnotify import Notifier, watchdog_interval
-from disaggd.proxy.app import Proxy
+from disaggd.proxy.app import Proxy, bind_listener
 from disaggd.proxy.router import Router
 from disaggd.supervise.events import InstanceEvent
-from disaggd.supervise.supervisor import Supervisor, port_in_use
+from disaggd.supervise.supervisor import Supervisor
 from disaggd.topology import ConfigError, Role, Topology, load_config
 from disaggd.topology.plan import diff
 from disaggd.topology.spec import build_specs
@@ -116,24 +117,22 @@ class Daemon:
             instances=len(self.topo.instances),
             connector=self.topo.kv_transfer.connector,
         )
-        problem = _proxy_port_problem(self.topo)
-        if problem:
-            log.error("proxy_port_unavailable", reason=problem)
+        # The proxy's socket is bound before any child starts: a port in use fails at once,
+        # and nothing can take it between a check and the bind.
+        try:
+            listener = bind_listener(self.topo.proxy.host, self.topo.proxy.port)
+        except OSError as exc:
+            log.error("proxy_port_unavailable", reason=str(exc))
             return EX_FAILURE
         control = ControlServer(self.topo.daemon.control_socket, self._handle_control)
         try:
             await control.start()
-        except ControlSocketInUse as exc:
-            log.error("control_socket_in_use", error=str(exc))
-            return EX_UNAVAILABLE
-        except OSError as exc:
-            log.error(
-                "control_socket_failed", path=str(self.topo.daemon.control_socket), error=str(exc)
-            )
-            return EX_FAILURE
+        except (ControlSocketInUse, OSError) as exc:
+            listener.close()
+            return _control_failed(exc, self.topo.daemon.control_socket)
         status = EX_FAILURE
         try:
-            status = await self._run_supervised()
+            status = await self._run_supervised(listener)
         finally:
             await control.close()
             await self.proxy.aclose()
@@ -142,7 +141,7 @@ class Daemon:
         log.info("daemon_exited", status=status)
         return status
 
-    async def _run_supervised(self) -> int:
+    async def _run_supervised(self, listener: socket.socket) -> int:
         self._clean_storage()
         supervisor = Supervisor(self.topo, on_event=self._on_event)
         self.readiness = Readiness(self.router, self.metrics, self.notifier, supervisor.statuses)
@@ -159,7 +158,8 @@ class Daemon:
                     await supervisor.start_all()
                     bound = asyncio.Event()
                     proxy_task = tg.create_task(
-                        self.proxy.serve(self._proxy_stop.wait, bound=bound), name="proxy"
+                        self.proxy.serve(self._proxy_stop.wait, sock=listener, bound=bound),
+                        name="proxy",
                     )
                     await _first(bound.wait(), self._stop.wait(), proxy_task)
                     if bound.is_set():
@@ -386,9 +386,10 @@ async def _first(*aws: Any) -> Any:
     return None if exc is not None else first.result()
 
 
-def _proxy_port_problem(topo: Topology) -> str | None:
-    """Why the proxy could not bind its port, or None (checked before any child starts)."""
-    host, port = topo.proxy.host, topo.proxy.port
-    if port_in_use(host, port):
-        return f"proxy port {host}:{port} is already in use by another process"
-    return None
+def _control_failed(exc: OSError | ControlSocketInUse, path: Path) -> int:
+    """Log why the control socket could not be opened; the exit status that says so."""
+    if isinstance(exc, ControlSocketInUse):
+        log.error("control_socket_in_use", error=str(exc))
+        return EX_UNAVAILABLE
+    log.error("control_socket_failed", path=str(path), error=str(exc))
+    return EX_FAILURE
