@@ -18,7 +18,9 @@ reason; `ConfigError` carries them all.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -246,6 +248,7 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
     yield from _connector_problems(topo)
     for idx, inst in enumerate(topo.instances):
         yield from _instance_connector_problems(topo, idx, inst)
+    yield from _remote_kv_host_problems(topo)
 
 
 def _name_problems(topo: Topology) -> Iterator[Problem]:
@@ -372,4 +375,53 @@ def _socket_path_problems(topo: Topology) -> Iterator[Problem]:
                 f"bytes) and vLLM binds ZMQ sockets at TMPDIR/<uuid>, which must fit in "
                 f"{UNIX_PATH_MAX} bytes: keep TMPDIR within {UNIX_PATH_MAX - _VLLM_IPC_NAME} "
                 "bytes (a shorter state_dir)",
+            )
+
+
+def _remote_kv_host_problems(topo: Topology) -> Iterator[Problem]:
+    """A spawned instance that a remote peer must reach for KV may not advertise loopback.
+
+    With a connector that moves KV over the network (``port_kind``: NIXL side channel,
+    Mooncake bootstrap, P2pNccl), a peer connects to the address an instance advertises:
+    ``[model|instance].env.VLLM_NIXL_SIDE_CHANNEL_HOST`` (NIXL), else ``kv_host``, else
+    ``host`` (a wildcard host advertises 127.0.0.1). With ``kv_transfer_params`` the decode
+    connects to the prefill (its ``remote_host``); with P2pNccl each side to the other.
+    A remote instance (``url`` not on loopback) that is sent 127.0.0.1 connects to itself:
+    so a spawned instance it must reach, advertising a loopback address, is an error.
+    """
+    spec = topo.connector
+    if spec.port_kind is None:
+        return
+
+    def loopback(host: str) -> bool:
+        host = host.strip("[]").lower()
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or host.endswith(".localhost")
+
+    remote = {}  # role -> the first remote instance of that role on another host
+    for inst in reversed(topo.instances):
+        if not inst.spawned and not loopback(inst.advertised_kv_host):
+            remote[inst.role] = inst.name
+    env_key = "VLLM_NIXL_SIDE_CHANNEL_HOST" if spec.name.startswith("Nixl") else ""
+    both_ways = spec.handoff is connectors.Handoff.REQUEST_ID
+    for idx, inst in enumerate(topo.instances):
+        other = Role.DECODE if inst.role is Role.PREFILL else Role.PREFILL
+        peer = remote.get(other)
+        if not inst.spawned or peer is None or not (both_ways or inst.role is Role.PREFILL):
+            continue
+        key = f"instance[{idx}].{'kv_host' if inst.kv_host else 'host'}"
+        host = inst.advertised_kv_host
+        envs = ((f"instance[{idx}].env", inst.env), ("model.env", topo.model.env))
+        key, host = next(
+            ((f"{where}.{env_key}", env[env_key]) for where, env in envs if env_key in env),
+            (key, host),
+        )
+        if loopback(host):
+            yield Problem(
+                key,
+                f"'{inst.name}' advertises its {spec.port_kind} at {host}, a loopback "
+                f"address, but the remote {other} '{peer}' connects to it from another host "
+                f"(and would reach itself): set instance[{idx}].kv_host (or host) to an "
+                f"address of this host that '{peer}' can route to",
             )
