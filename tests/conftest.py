@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import SHORT_BASE_ENV, processes_with_env
+from tests.harness.common import SHORT_BASE_ENV, processes_with_env
 
 #: Every process the test session starts inherits this variable, so survivors can be
 #: found by it (children, grandchildren and reparented orphans alike).

@@ -32,6 +32,10 @@ class Notifier:
             # "@name" is Linux's abstract namespace: a leading NUL byte.
             self._address = "\0" + address[1:] if address.startswith("@") else address
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the event loop: a datagram socket whose reader stalls queues only
+            # a few messages (net.unix.max_dgram_qlen), and a blocking sendto would then
+            # freeze the proxy and supervision with it. A full queue drops the message.
+            self._sock.setblocking(False)
         self._last_status = ""
 
     @property
@@ -42,7 +46,8 @@ class Notifier:
     def send(self, **fields: str | int) -> bool:
         """Send one message made of `fields` (``READY=1`` is ``send(READY=1)``).
 
-        Returns False (and logs) when systemd could not be told; never raises.
+        Returns False (and logs) when systemd could not be told, including when its
+        queue is full (the message is dropped); never raises, never blocks.
         """
         if self._sock is None or self._address is None:
             return False

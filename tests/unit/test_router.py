@@ -11,7 +11,7 @@ import pytest
 from disaggd.proxy.router import Router, Upstream
 from disaggd.topology import Role, Topology, parse_config
 from disaggd.topology.spec import build_specs
-from tests.helpers import standin_topology
+from tests.harness.common import standin_topology
 
 
 def _topo(tmp_path: Path, prefill: int = 2, decode: int = 3, **proxy: Any) -> Topology:

@@ -30,8 +30,8 @@ from disaggd.proxy.settings import Settings
 from disaggd.proxy.sse import event_end, synthesize_stream
 from disaggd.topology import Role, connectors, parse_config
 from disaggd.topology.connectors import Handoff
-from tests.helpers import standin_topology
-from tests.proxy_harness import metric_value, sse_events
+from tests.harness.common import standin_topology
+from tests.harness.proxy import metric_value, sse_events
 
 C = COMPLETIONS
 

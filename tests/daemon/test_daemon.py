@@ -20,10 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess, all_gone, http_get, http_post
-from tests.helpers import standin_topology, wait_for, write_topology
+from tests.harness.common import (
+    all_gone,
+    http_get,
+    http_post,
+    standin_topology,
+    wait_for,
+    write_topology,
+)
+from tests.harness.daemon import DaemonProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(180)
 

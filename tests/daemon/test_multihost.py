@@ -1,6 +1,6 @@
 """Several hosts, tested: a front disaggd on host A routing to a disaggd's instances on host B.
 
-Hosts are network namespaces plugged into one userspace wire (tests/netns.py), which can
+Hosts are network namespaces plugged into one userspace wire (tests/harness/netns.py), which can
 lose or delay every frame towards a host. Host B's daemon spawns a prefill and a decode
 stand-in bound to B's address; host A's daemon spawns its own pair on A's address and
 routes to B's two as remote (``url``) instances, round robin, so every other request
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import netns
+from tests.harness import netns
 from tests.harness.common import http_get, standin_topology, wait_for
-from tests.netns import Hosts, NsDaemon
+from tests.harness.netns import Hosts, NsDaemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -26,7 +26,7 @@ from devtools.standin import (
     parse_args,
 )
 from disaggd.topology.connectors import prefill_kv_transfer_params
-from tests.helpers import free_port, free_ports, pid_alive, wait_for
+from tests.harness.common import free_port, free_ports, pid_alive, wait_for
 
 # -- harness -----------------------------------------------------------------------------------
 

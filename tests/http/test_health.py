@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from disaggd.supervise import health
-from tests.helpers import free_port
+from tests.harness.common import free_port
 
 
 @pytest.fixture

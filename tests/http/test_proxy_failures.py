@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.helpers import async_wait_for, free_port, standin_topology
-from tests.proxy_harness import MODEL, Cluster, Running, established_to, serve_proxy, sse_events
+from tests.harness.common import async_wait_for, free_port, standin_topology
+from tests.harness.proxy import MODEL, Cluster, Running, established_to, serve_proxy, sse_events
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words
 

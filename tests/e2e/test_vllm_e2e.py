@@ -26,12 +26,12 @@ import pytest
 
 from disaggd._compat import tomllib
 from disaggd.proxy.kvcheck import kv_verdict
-from tests.daemon_harness import DaemonProcess, all_gone, http_get, http_post
-from tests.helpers import free_ports, short_dir, wait_for
+from tests.harness.common import all_gone, free_ports, http_get, http_post, short_dir, wait_for
+from tests.harness.daemon import DaemonProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "tiny-llama"
 SERVED = "tiny-llama"
 BLOCK = 128  # vLLM's CPU KV block size: KV moves in whole blocks
@@ -370,7 +370,7 @@ def test_sigterm_with_a_request_in_flight(daemon: DaemonProcess) -> None:
 def test_the_readme_main_job(tmp_path: Path, tiny_model: Path) -> None:
     """`scripts/demo.sh` (the README's main job) serves the seed's two requests; Ctrl-C
     leaves nothing. Its topology is cpu-tiny.toml on free ports (CONFIG=...)."""
-    from tests.helpers import write_topology
+    from tests.harness.common import write_topology
 
     doc = example_doc("cpu-tiny.toml", tmp_path, tiny_model)
     config = write_topology(tmp_path / "demo.toml", doc)

@@ -28,7 +28,7 @@ from disaggd.proxy.app import Proxy, bind_listener
 from disaggd.proxy.router import Router
 from disaggd.topology import Topology, parse_config
 from disaggd.topology.spec import build_spec
-from tests.helpers import free_port
+from tests.harness.common import free_port
 
 MODEL = "standin-model"
 

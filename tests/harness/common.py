@@ -1,4 +1,8 @@
-"""Shared helpers for the test suite: ports, topologies, waiting."""
+"""The one shared harness of the test suite: ports, topologies, waiting, HTTP, processes.
+
+Every level (unit, process, http, daemon, e2e) and the benchmark use these; the
+stand-in engine is started through `standin_topology` (its ``[engine].command``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,3 +233,54 @@ def processes_with_env(marker: str, value: str) -> list[int]:
 def disaggd_argv(*args: str) -> list[str]:
     """argv that runs the disaggd CLI with this interpreter."""
     return [sys.executable, "-m", "disaggd", *args]
+
+
+# -- HTTP (blocking, stdlib: usable from threads and from the benchmark) ----------------------
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET `url`; (status, body) whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post(
+    url: str,
+    body: Mapping[str, Any],
+    timeout: float = 30.0,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """POST JSON to `url`; (status, body) whatever the status."""
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def all_gone(pids: list[int], timeout: float = 15.0) -> bool:
+    """True once none of `pids` is alive (within `timeout` s)."""
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout)
+    return not any(pid_alive(p) for p in pids)
+
+
+def wait_port_closed(port: int, timeout: float = 10.0) -> None:
+    def closed() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+
+    wait_for(closed, timeout, what=f"port {port} closed")
+
+
+def now() -> float:
+    return time.monotonic()

@@ -54,3 +54,18 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_USEC")
     assert watchdog_interval() is None
+
+
+@pytest.mark.timeout(10)
+def test_a_reader_that_stalls_never_blocks_the_sender(tmp_path: Path) -> None:
+    # A datagram socket queues a handful of messages; past that a blocking sendto would
+    # freeze the daemon's event loop. The messages that do not fit are dropped instead.
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        n = Notifier(str(path))
+        sent = [n.send(STATUS=f"line {i}") for i in range(500)]
+        assert sent[0] is True and sent[-1] is False  # the queue filled, nothing blocked
+        sock.settimeout(1)
+        assert sock.recv(4096) == b"STATUS=line 0"  # what was queued is intact
+        n.close()

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import pid_alive, wait_for, write_topology
+from tests.harness.common import wait_for, write_topology
 
 
 class NotifySocket:
@@ -149,51 +145,3 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET `url`; (status, body) whatever the status."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def http_post(
-    url: str,
-    body: Mapping[str, Any],
-    timeout: float = 30.0,
-    headers: Mapping[str, str] | None = None,
-) -> tuple[int, bytes]:
-    """POST JSON to `url`; (status, body) whatever the status."""
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", **(headers or {})},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def all_gone(pids: list[int], timeout: float = 15.0) -> bool:
-    """True once none of `pids` is alive (within `timeout` s)."""
-    with contextlib.suppress(TimeoutError):
-        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout)
-    return not any(pid_alive(p) for p in pids)
-
-
-def wait_port_closed(port: int, timeout: float = 10.0) -> None:
-    def closed() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) != 0
-
-    wait_for(closed, timeout, what=f"port {port} closed")
-
-
-def now() -> float:
-    return time.monotonic()

@@ -19,8 +19,8 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from disaggd.topology import parse_config
-from tests.helpers import free_port, standin_topology
-from tests.proxy_harness import MODEL, Cluster, serve_proxy, sse_events
+from tests.harness.common import free_port, standin_topology
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words
 

@@ -14,9 +14,9 @@ import pytest
 from disaggd.cli import EX_CONFIG, EX_USAGE, main
 from disaggd.topology import ConfigError, Role, connectors, load_config, parse_config
 from disaggd.topology.spec import build_spec, build_specs
-from tests.helpers import dump_toml, short_dir, standin_topology
+from tests.harness.common import dump_toml, short_dir, standin_topology
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted([ROOT / "etc" / "disaggd.toml", *(ROOT / "etc" / "examples").glob("*.toml")])
 
 
@@ -212,6 +212,8 @@ def test_example_connector_needs_its_storage_path(tmp_path: Path) -> None:
 def test_remote_instance_is_not_spawned(tmp_path: Path) -> None:
     doc = minimal()
     doc["instance"].append({"name": "d-remote", "role": "decode", "url": "http://10.0.0.12:8200"})
+    for inst in doc["instance"][:-1]:
+        inst["kv_host"] = "10.0.0.11"  # reachable from the remote decode's host
     topo = parse_config(doc)
     remote = topo.instance("d-remote")
     assert not remote.spawned and remote.base_url == "http://10.0.0.12:8200"

@@ -13,32 +13,27 @@ import contextlib
 import json
 import os
 import select
-import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from disaggd.supervise import guardian
 from disaggd.supervise.child import read_lines
-from disaggd.supervise.events import InstanceEvent, InstanceStatus
-from disaggd.supervise.health import ProbeResult
 from disaggd.supervise.osapi import LinuxOs
 from disaggd.supervise.states import ProcessState
 from disaggd.supervise.supervisor import Supervisor
-from disaggd.topology import Topology, parse_config
-from disaggd.topology.spec import InstanceSpec, build_spec
-from tests.helpers import (
+from disaggd.topology import parse_config
+from disaggd.topology.spec import build_spec
+from tests.harness.common import (
     async_wait_for,
     free_port,
     pid_alive,
@@ -46,22 +41,24 @@ from tests.helpers import (
     wait_for,
     write_topology,
 )
+from tests.harness.supervise import (  # noqa: F401 - plain_structlog is a fixture
+    STEADY,
+    Recorder,
+    events,
+    fatal_lines,
+    make_topo,
+    plain_structlog,
+    supervisor,
+    wait_state,
+)
 
 S = ProcessState
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(90)
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _plain_structlog() -> Iterator[None]:
-    """Whatever another test configured (a closed stream, a level filter) does not apply here."""
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()
 
 
 @pytest.fixture
@@ -76,57 +73,6 @@ def reap() -> Iterator[list[int]]:
                 os.kill(pid, signal.SIGKILL)
 
 
-#: Probe settings for tests that are not about liveness: a loaded 2-core machine must not
-#: turn a slow answer into a restart that the test did not ask for.
-STEADY = {"probe_timeout": 2.0, "probe_failures": 3}
-
-
-def make_topo(tmp_path: Path, **kwargs: Any) -> Topology:
-    kwargs["supervisor"] = {**STEADY, **kwargs.get("supervisor", {})}
-    return parse_config(standin_topology(tmp_path, **kwargs), tmp_path / "disaggd.toml")
-
-
-@dataclass
-class Recorder:
-    """What the supervisor told its one listener (`on_event`), in order, with the time."""
-
-    events: list[tuple[float, InstanceEvent]] = field(default_factory=list)
-    states: list[tuple[float, InstanceStatus]] = field(default_factory=list)
-    ready: list[tuple[float, str, bool]] = field(default_factory=list)
-    on_state: dict[tuple[str, ProcessState], Any] = field(default_factory=dict)
-    seen: dict[tuple[str, ProcessState], list[Any]] = field(default_factory=dict)
-
-    def event(self, event: InstanceEvent) -> None:
-        now = time.monotonic()
-        self.events.append((now, event))
-        assert event.state_changed or event.ready_changed  # no empty events
-        assert not event.ready or event.state is ProcessState.RUNNING
-        if event.ready_changed:
-            self.ready.append((now, event.name, event.ready))
-        if event.state_changed:
-            status = event.status
-            self.states.append((now, status))
-            probe = self.on_state.get((status.name, status.state))
-            if probe is not None:
-                self.seen.setdefault((status.name, status.state), []).append(probe(status))
-
-    def path(self, name: str) -> list[ProcessState]:
-        return [s.state for _, s in self.states if s.name == name]
-
-    def first(self, name: str, state: ProcessState, after: float = 0.0) -> float | None:
-        for t, s in self.states:
-            if s.name == name and s.state is state and t >= after:
-                return t
-        return None
-
-    def readiness(self, name: str) -> list[bool]:
-        return [r for _, n, r in self.ready if n == name]
-
-
-def supervisor(topo: Topology, rec: Recorder, **kwargs: Any) -> Supervisor:
-    return Supervisor(topo, on_event=rec.event, **kwargs)
-
-
 def start_detached(argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     """A process in its own session (a "remote" engine the supervisor does not own)."""
     return subprocess.Popen(argv, start_new_session=True, cwd=cwd)
@@ -137,34 +83,6 @@ async def standin_info(url: str) -> dict[str, Any]:
         resp.raise_for_status()
         data: dict[str, Any] = await resp.json()
         return data
-
-
-def events(logs: Sequence[Mapping[str, Any]], event: str, instance: str | None = None) -> list[Any]:
-    return [
-        e
-        for e in logs
-        if e["event"] == event and (instance is None or e.get("instance") == instance)
-    ]
-
-
-def fatal_lines(logs: Sequence[Mapping[str, Any]], instance: str | None = None) -> list[Any]:
-    """Every log line about an instance going FATAL (there must be one per FATAL)."""
-    changes = events(logs, "instance_state", instance)
-    return [e for e in changes if e["to_state"] == "FATAL"]
-
-
-async def wait_state(
-    sup: Supervisor, name: str, state: ProcessState, timeout: float = 15.0, **match: Any
-) -> InstanceStatus:
-    def check() -> InstanceStatus | None:
-        st = sup.status(name)
-        ok = st.state is state and all(getattr(st, k) == v for k, v in match.items())
-        return st if ok else None
-
-    result: InstanceStatus = await async_wait_for(
-        check, timeout=timeout, what=f"{name} {state} {match}"
-    )
-    return result
 
 
 # -- start, readiness, stop --------------------------------------------------------------------
@@ -821,336 +739,3 @@ async def test_fast_writer_does_not_starve_the_loop(tmp_path: Path) -> None:
     await task
     assert count == 50_000
     assert ticks > 100  # the loop ran other tasks meanwhile
-
-
-# -- the same supervisor on a fake OS and a virtual clock ---------------------------------------
-#
-# What must never happen again (a spawn after FATAL, a remote instance going FATAL) is proven
-# here over an hour of virtual time in milliseconds: the OS seam is faked (no processes, no
-# guardian) and the event loop's clock jumps to the next timer whenever nothing is runnable.
-
-
-class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
-    """A selector that, instead of waiting `timeout` seconds, moves the loop's clock."""
-
-    loop: VirtualClockLoop
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        ready: list[Any] = super().select(0)
-        if ready or timeout == 0:
-            return ready
-        if timeout is None:
-            raise RuntimeError("deadlock: nothing is scheduled and nothing can wake the loop")
-        self.loop.now += timeout
-        return []
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose `time()` only moves when every task is waiting for a timer."""
-
-    def __init__(self) -> None:
-        selector = _JumpingSelector()
-        super().__init__(selector)
-        selector.loop = self
-        self.now = 1000.0
-
-    def time(self) -> float:
-        return self.now
-
-
-def run_virtual(main: Callable[[VirtualClockLoop], Coroutine[Any, Any, None]]) -> None:
-    loop = VirtualClockLoop()
-    try:
-        loop.run_until_complete(main(loop))
-    finally:
-        loop.close()
-
-
-@dataclass
-class Script:
-    """How a fake child behaves: healthy `ready_after` s after spawn (None: never); exits
-    with `rc` after `exit_after` s (None: only when signalled)."""
-
-    ready_after: float | None = 0.0
-    exit_after: float | None = None
-    rc: int = 1
-
-
-class FakeProcess:
-    def __init__(self, pid: int, loop: asyncio.AbstractEventLoop, script: Script) -> None:
-        self.pid = pid
-        self.exited: asyncio.Future[int] = loop.create_future()
-        self.stdout: asyncio.StreamReader | None = None
-        self.stderr: asyncio.StreamReader | None = None
-        self.ready_at = None if script.ready_after is None else loop.time() + script.ready_after
-        if script.exit_after is not None:
-            loop.call_later(script.exit_after, self.exit, script.rc)
-
-    def exit(self, rc: int) -> None:
-        if not self.exited.done():
-            self.exited.set_result(rc)
-
-    def close(self) -> None:
-        pass
-
-
-class FakeOs:
-    """An `OsApi` with scripted children, scripted ports and a scripted remote; also the probe."""
-
-    def __init__(self, scripts: Mapping[str, Sequence[Script]] | None = None) -> None:
-        self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
-        self.spawns: list[tuple[float, str]] = []
-        self.groups: dict[int, FakeProcess] = {}
-        self.by_url: dict[str, FakeProcess] = {}
-        self.busy_ports: set[int] = set()
-        self.remote_up: set[str] = set()
-        self.signals: list[tuple[int, int]] = []
-        self.released: list[int] = []
-        self.closed = False
-        self._pids = iter(range(4_000_001, 5_000_000))
-
-    async def spawn(self, spec: InstanceSpec) -> FakeProcess:
-        loop = asyncio.get_running_loop()
-        queue = self.scripts.get(spec.name, [])
-        script = queue.pop(0) if len(queue) > 1 else (queue[0] if queue else Script())
-        proc = FakeProcess(next(self._pids), loop, script)
-        self.spawns.append((loop.time(), spec.name))
-        self.groups[proc.pid] = self.by_url[spec.base_url] = proc
-        return proc
-
-    def signal_group(self, pgid: int, sig: int) -> bool:
-        proc = self.groups.get(pgid)
-        if proc is None or proc.exited.done():
-            return False
-        self.signals.append((pgid, sig))
-        if sig in (signal.SIGTERM, signal.SIGKILL):
-            asyncio.get_running_loop().call_soon(proc.exit, -sig)
-        return True
-
-    def group_exists(self, pgid: int) -> bool:
-        proc = self.groups.get(pgid)
-        return proc is not None and not proc.exited.done()
-
-    def reap_group(self, pgid: int) -> None:
-        pass
-
-    def release_group(self, pgid: int) -> None:
-        self.released.append(pgid)
-
-    def group_members(self, pgid: int) -> list[int]:
-        return [pgid] if self.group_exists(pgid) else []
-
-    def port_in_use(self, host: str, port: int) -> bool:
-        return port in self.busy_ports
-
-    def set_subreaper(self, enabled: bool) -> bool | None:
-        return None
-
-    def prepare_dirs(self, spec: InstanceSpec) -> None:
-        pass
-
-    def empty_dir(self, path: Path) -> None:
-        pass
-
-    @property
-    def guardian_pid(self) -> int | None:
-        return None
-
-    async def close(self) -> None:
-        self.closed = True
-
-    async def probe(self, url: str, timeout: float) -> ProbeResult:
-        proc = self.by_url.get(url)
-        now = asyncio.get_running_loop().time()
-        if url in self.remote_up:
-            ok = True
-        elif proc is None or proc.exited.done() or proc.ready_at is None:
-            ok = False
-        else:
-            ok = now >= proc.ready_at
-        return ProbeResult(ok, 200 if ok else None, None if ok else "connection refused", 0.0)
-
-    def spawned(self, name: str) -> list[float]:
-        return [t for t, n in self.spawns if n == name]
-
-
-def fake_supervisor(
-    topo: Topology, fake: FakeOs, loop: VirtualClockLoop, **kwargs: Any
-) -> Supervisor:
-    return Supervisor(topo, os_api=fake, probe=fake.probe, clock=loop.time, **kwargs)
-
-
-def test_fake_crash_loop_backs_off_exactly_then_fatal_and_never_again(tmp_path: Path) -> None:
-    # Timings of standin_topology: backoff 0.2 s doubling, capped at 1 s; FATAL at 3 failures.
-    topo = make_topo(tmp_path)
-    fake = FakeOs({"decode-0": [Script(ready_after=None, exit_after=0.5, rc=1)]})
-    rec: list[InstanceEvent] = []
-
-    async def main(loop: VirtualClockLoop) -> None:
-        async with fake_supervisor(topo, fake, loop, on_event=rec.append) as sup:
-            t0 = loop.time()
-            await sup.start_all()
-            assert await sup.wait_ready(["prefill-0"], timeout=5)
-            assert await sup.wait_ready(timeout=3600) is False  # False at FATAL, not at 3600
-            st = sup.status("decode-0")
-            assert (st.state, st.failures, st.restarts, st.pid) == (S.FATAL, 3, 2, None)
-            assert st.since == pytest.approx(t0 + 0.5 + 0.2 + 0.5 + 0.4 + 0.5)
-            assert st.last_exit == "exited with status 1 (unexpected)"
-            # spawn, 0.5 s life, 0.2 s backoff, 0.5 s life, 0.4 s backoff, 0.5 s life: FATAL.
-            expected = [t0, t0 + 0.7, t0 + 1.6]
-            assert fake.spawned("decode-0") == pytest.approx(expected)
-            # An hour later: never spawned again, still FATAL; the other never restarted.
-            await asyncio.sleep(3600)
-            assert fake.spawned("decode-0") == pytest.approx(expected)
-            assert sup.status("decode-0").state is S.FATAL
-            assert fake.spawned("prefill-0") == [t0]
-            # An operator's restart clears FATAL.
-            fake.scripts["decode-0"] = [Script()]
-            assert await sup.restart("decode-0") is True
-            st = sup.status("decode-0")
-            assert (st.state, st.ready, st.failures, st.restarts) == (S.RUNNING, True, 0, 3)
-        assert fake.closed
-
-    run_virtual(main)
-    reasons = [e.reason for e in rec if e.name == "decode-0" and e.state_changed]
-    assert reasons[:6] == [
-        "start",
-        "exited with status 1 (unexpected); failure 1 of 3, next start in 0.2s",
-        "restart 1 after: exited with status 1 (unexpected)",
-        "exited with status 1 (unexpected); failure 2 of 3, next start in 0.4s",
-        "restart 2 after: exited with status 1 (unexpected)",
-        "exited with status 1 (unexpected); 3 failures in a row",
-    ]
-
-
-def test_fake_event_stream_of_a_crash(tmp_path: Path) -> None:
-    topo = make_topo(tmp_path)
-    fake = FakeOs({"decode-0": [Script(exit_after=1.0, rc=0), Script()]})
-    seen: list[InstanceEvent] = []
-    def on_event(event: InstanceEvent) -> None:
-        seen.append(event)
-        raise RuntimeError("a broken listener must not break supervision")
-
-    async def main(loop: VirtualClockLoop) -> None:
-        sup = fake_supervisor(
-            topo,
-            fake,
-            loop,
-            on_event=on_event,
-        )
-        async with sup:
-            t0 = loop.time()
-            await sup.start_all()
-            await asyncio.sleep(2.5)  # RUNNING again for 1.3 s: not yet stable (2 s)
-            st = sup.status("decode-0")
-            assert (st.state, st.ready, st.restarts, st.failures) == (S.RUNNING, True, 1, 1)
-            assert st.last_exit == "exited with status 0 (unexpected)"  # vllm #48966
-            assert st.since == pytest.approx(t0 + 1.2)
-            assert st.uptime == pytest.approx(2.5 - 1.2)
-
-    with capture_logs() as logs:
-        run_virtual(main)
-    decode = [(e.previous, e.state, e.was_ready, e.ready) for e in seen if e.name == "decode-0"]
-    assert decode == [
-        (S.STOPPED, S.STARTING, False, False),
-        (S.STARTING, S.RUNNING, False, True),  # RUNNING and ready: one event
-        (S.RUNNING, S.EXITED, True, False),
-        (S.EXITED, S.BACKOFF, False, False),
-        (S.BACKOFF, S.STARTING, False, False),
-        (S.STARTING, S.RUNNING, False, True),
-        (S.RUNNING, S.RUNNING, True, False),  # shutdown: not ready at once ...
-        (S.RUNNING, S.STOPPING, False, False),  # ... then stopped
-        (S.STOPPING, S.STOPPED, False, False),
-    ]
-    failed = events(logs, "callback_failed")
-    assert len(failed) == len(seen) and {e["callback"] for e in failed} == {"on_event"}
-
-
-def test_fake_stable_run_clears_the_failure_count(tmp_path: Path) -> None:
-    # stable_after = 2 s: a 1 s run counts on; a 5 s run starts the count afresh.
-    topo = make_topo(tmp_path)
-    scripts = [Script(exit_after=1.0), Script(exit_after=5.0), Script()]
-    fake = FakeOs({"decode-0": scripts})
-
-    async def main(loop: VirtualClockLoop) -> None:
-        async with fake_supervisor(topo, fake, loop) as sup:
-            await sup.start_all()
-            await asyncio.sleep(1.1)
-            assert sup.status("decode-0").failures == 1
-            await asyncio.sleep(3.0)  # RUNNING again for 2.9 s: stable, the count is cleared
-            assert sup.status("decode-0").failures == 0
-            await asyncio.sleep(3.0)  # then it crashed: failure 1 again, not 2
-            st = sup.status("decode-0")
-            assert (st.state, st.failures, st.restarts) == (S.RUNNING, 1, 2)
-
-    with capture_logs() as logs:
-        run_virtual(main)
-    stable = events(logs, "child_stable", "decode-0")
-    assert [e["failures_cleared"] for e in stable] == [1]
-
-
-def test_fake_port_in_use_is_fatal_after_port_wait_and_never_spawned(tmp_path: Path) -> None:
-    topo = make_topo(tmp_path)
-    port = topo.instance("decode-0").port
-    assert port is not None
-    fake = FakeOs()
-    fake.busy_ports.add(port)
-
-    async def main(loop: VirtualClockLoop) -> None:
-        async with fake_supervisor(topo, fake, loop, port_wait=3.0) as sup:
-            t0 = loop.time()
-            await sup.start_all()
-            assert await sup.wait_ready(timeout=3600) is False
-            st = sup.status("decode-0")
-            assert (st.state, st.failures, st.restarts) == (S.FATAL, 0, 0)
-            assert st.last_exit == f"port {port} (HTTP) in use on 127.0.0.1"
-            assert t0 + 3.0 <= st.since <= t0 + 3.2 + 1e-6  # retried every 0.2 s for 3 s
-            await asyncio.sleep(3600)
-            assert fake.spawned("decode-0") == []
-            assert sup.status("decode-0").state is S.FATAL
-
-    run_virtual(main)
-
-
-def test_fake_remote_instance_is_never_fatal(tmp_path: Path) -> None:
-    doc = standin_topology(tmp_path, supervisor=STEADY)
-    url = f"http://127.0.0.1:{free_port()}"
-    doc["instance"][1] = {"name": "decode-0", "role": "decode", "url": url}
-    topo = parse_config(doc, tmp_path / "disaggd.toml")
-    fake = FakeOs()
-
-    async def main(loop: VirtualClockLoop) -> None:
-        async with fake_supervisor(topo, fake, loop) as sup:
-            await sup.start_all()
-            await asyncio.sleep(600)  # ten minutes of refused probes
-            st = sup.status("decode-0")
-            assert (st.state, st.ready, st.failures, st.restarts) == (S.STARTING, False, 0, 0)
-            assert st.last_exit == "not healthy: connection refused"
-            fake.remote_up.add(url)
-            assert await sup.wait_ready(["decode-0"], timeout=2)
-            fake.remote_up.discard(url)
-            await asyncio.sleep(600)
-            st = sup.status("decode-0")
-            assert (st.state, st.ready, st.failures) == (S.STARTING, False, 0)
-            assert st.last_exit == "not healthy: connection refused"
-            assert fake.spawned("decode-0") == []
-
-    run_virtual(main)
-
-
-def test_fake_stop_during_backoff_is_stopped_without_a_spawn(tmp_path: Path) -> None:
-    topo = make_topo(tmp_path, supervisor={"backoff_initial": 30, "backoff_max": 60})
-    fake = FakeOs({"decode-0": [Script(exit_after=0.5)]})
-
-    async def main(loop: VirtualClockLoop) -> None:
-        async with fake_supervisor(topo, fake, loop) as sup:
-            await sup.start_all()
-            await asyncio.sleep(1.0)
-            assert sup.status("decode-0").state is S.BACKOFF
-            t = loop.time()
-            assert await sup.shutdown() is True
-            assert loop.time() == t  # the delay is cut short, not waited out
-            assert sup.status("decode-0").state is S.STOPPED
-            assert len(fake.spawned("decode-0")) == 1
-
-    run_virtual(main)
