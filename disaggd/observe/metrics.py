@@ -110,7 +110,12 @@ class Metrics:
         # `*_created` series double every counter's output and nothing here reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._request_metrics(self.registry)
+        self._daemon_metrics(self.registry)
+        self._states: dict[str, str] = {}
+
+    def _request_metrics(self, r: CollectorRegistry) -> None:
+        """The proxy's side: requests, latencies, upstream legs, the KV check."""
         self.requests = Counter(
             "disaggd_requests",
             "Client requests by route, HTTP status and routing decision.",
@@ -170,14 +175,15 @@ class Metrics:
         )
         self._upstreams = _UpstreamCollector()
         r.register(self._upstreams)
-        # -- supervisor side ---------------------------------------------------------------
+
+    def _daemon_metrics(self, r: CollectorRegistry) -> None:
+        """The supervisor's side and the daemon's own event loop."""
         self.instance_state = Gauge(
             "disaggd_instance_state",
             "1 for the process state each instance is in, 0 for the others.",
             ["instance", "role", "state"],
             registry=r,
         )
-        self._states: dict[str, str] = {}
         # -- the daemon's own event loop ----------------------------------------------------
         self.loop_lag = Gauge(
             "disaggd_event_loop_lag_seconds",
