@@ -51,7 +51,9 @@ Markers inside a prompt act on that request only: ``[[status=503]]``,
 ``[[hang]]`` (never answered, not even headers), ``[[slow=0.05]]`` (per-token
 delay), ``[[midstream_error]]`` (a stream is cut after up to 3 tokens; a plain
 request gets no answer), ``[[stop]]`` / ``[[stop=K]]`` (the K-th token is EOS:
-finish_reason "stop", and a prefill returns no ``kv_transfer_params``).
+finish_reason "stop", and a prefill returns no ``kv_transfer_params``),
+``[[abort=K]]`` (the engine gives up after K tokens, as vLLM does on SIGTERM
+without ``--shutdown-timeout``: HTTP 200, finish_reason "abort", ``[DONE]``).
 
 SIGTERM/SIGINT: new requests get 503 and ``/health`` 503; with
 ``--shutdown-timeout S`` in-flight requests may finish for S s; then (or at
@@ -138,7 +140,7 @@ _WORD_TEXT = tuple(" " + w for w in _WORDS)
 _WORD_JSON = tuple(json.dumps(t).encode() for t in _WORD_TEXT)
 _EMPTY_JSON = b'""'
 
-_MARKER_RE = re.compile(r"\[\[(status|hang|slow|midstream_error|stop)(?:=([^\]]*))?\]\]")
+_MARKER_RE = re.compile(r"\[\[(status|hang|slow|midstream_error|stop|abort)(?:=([^\]]*))?\]\]")
 _P2P_RE = re.compile(r"___prefill_addr_(?P<p>.+?)___decode_addr_(?P<d>[^_]+)(?:_|$)")
 
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
@@ -638,6 +640,7 @@ class GenRequest:
     slow: float | None = None
     midstream_error: bool = False
     stop_after: int | None = None
+    abort_after: int | None = None
 
     @property
     def text(self) -> str:
@@ -812,6 +815,8 @@ def parse_request(
                     gen.midstream_error = True
                 elif key == "stop":
                     gen.stop_after = max(1, int(value)) if value else 1
+                elif key == "abort":
+                    gen.abort_after = max(0, int(value))
     return gen
 
 
@@ -1325,7 +1330,7 @@ class Standin:
         await self._prefill(gen, verdict)
         delay = gen.slow if gen.slow is not None else self.faults.token_delay
         ntok = gen.tokens
-        produced = ntok
+        produced = ntok if gen.abort_after is None else min(ntok, gen.abort_after)
         if delay > 0 and not self.cut:
             start = time.monotonic()
             await self._pause(ntok * delay)
@@ -1432,6 +1437,8 @@ class Standin:
         ntok = gen.tokens
         delay = gen.slow if gen.slow is not None else self.faults.token_delay
         limit = min(ntok, 3) if gen.midstream_error else ntok
+        if gen.abort_after is not None:
+            limit = min(limit, gen.abort_after)
         try:
             await resp.prepare(request)  # headers now, like uvicorn; tokens after the prefill
             await self._prefill(gen, verdict)

@@ -23,6 +23,7 @@ decode     HTTP_4XX      http_4xx       decode_http_{status}:{up}               
 decode     HTTP_5XX      http_5xx       decode_http_{status}:{up}               as is
 decode     STREAM_CUT    stream_cut     decode_{exc_type}:{up}                  502
 decode     STREAM_SHORT  stream_cut     decode_stream_cut:{up}                  502
+decode     ABORTED       stream_cut     decode_aborted:{up}                     502
 =========  ============  =============  ======================================  ======
 
 "retry": another instance of the role is tried (the prefill: then the
@@ -68,7 +69,8 @@ class Fault(Enum):
     HTTP_5XX = "http_5xx"  # any non-200, non-4xx status
     BAD_RESPONSE = "bad_response"  # a 200 whose body is not a usable result
     STREAM_CUT = "stream_cut"  # the connection broke mid-stream
-    STREAM_SHORT = "stream_short"  # the stream ended without [DONE]
+    STREAM_SHORT = "stream_short"  # the stream ended without [DONE], or with one after an abort
+    ABORTED = "aborted"  # a whole 200 answer the engine aborted (finish_reason "abort")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ TABLE: dict[tuple[Leg, Fault], Rule] = {
     ),
     (_D, Fault.STREAM_SHORT): Rule(
         "stream_cut", "decode_stream_cut:{up}", 502, "decode instance {up} ended the stream early"
+    ),
+    (_D, Fault.ABORTED): Rule(
+        "stream_cut", "decode_aborted:{up}", 502, "decode instance {up} aborted the answer"
     ),
     # /v1/models answers from the topology whatever happened: only the kind matters.
     (_M, Fault.CONNECT): Rule("connect", ""),

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from disaggd.proxy.endings import answer_aborted, last_chunk
 from disaggd.proxy.errors import (
     DONE,
     JSON_CT,
@@ -122,6 +123,8 @@ class Replies:
                 rec, Leg.DECODE, status_fault(resp.status), up.name, status=resp.status
             )
         elif resp.status == 200:
+            if answer_aborted(rec.rid, up.name, data):
+                raise self._failures.fail(rec, Leg.DECODE, Fault.ABORTED, up.name).error(up.name)
             self._acct.usage(rec, usage_from(data))
         await self.whole(rec, resp.status, data, ctype.encode("latin-1"))
 
@@ -180,6 +183,8 @@ class Replies:
                 elif cut < len(chunk):
                     pending = chunk[cut:]
                     chunk = chunk[:cut]
+            # The end: if the engine cut it short, `_pipe` ends it with an error event instead.
+            chunk = last_chunk(rec.rid, rec.decode, tail, chunk) if chunk.endswith(DONE) else chunk
             now = time.monotonic()
             if not rec.started:
                 await self.start(rec, 200, ctype, None)
