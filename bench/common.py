@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from disaggd.daemon import control
-from tests.daemon_harness import DaemonProcess
+from tests.harness.daemon import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 16

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from bench.common import (
     tree_cpu_seconds,
 )
 from bench.loadgen import percentiles
-from tests.helpers import standin_topology
+from tests.harness.common import standin_topology
 
 WAYS = ("direct", "two_leg", "proxied_disagg", "proxied_decode_only", "vllm_router")
 STANDIN_ENV = {
@@ -277,6 +278,8 @@ def overhead(
                 for way in rotated(ways, rnd + i):
                     u = usage.setdefault((case.name, way), Usage())
                     res = one_run(setup.ways[way], case, seconds, u)
+                    # Other people's jobs on the machine show here (the 1-minute average).
+                    res["loadavg"] = round(os.getloadavg()[0], 2)
                     runs.setdefault((case.name, way), []).append(res)
                     done += 1
                     progress(done, total, case, way, res)
@@ -297,7 +300,7 @@ def progress(done: int, total: int, case: Case, way: str, res: Mapping[str, Any]
     print(
         f"  [{done}/{total}] {case.name:<11} {way:<20} {res['req_per_s']:8.1f} req/s"
         f"  ttft p50 {res['ttft_ms'].get('p50', float('nan')):8.2f} ms"
-        f"  failed {res['failed']}",
+        f"  failed {res['failed']}  load {res['loadavg']:.1f}",
         flush=True,
     )
 
@@ -320,6 +323,8 @@ def case_entry(
         "ways": {},
         "proxies": {},
     }
+    loads = [r["loadavg"] for way in ways for r in runs[(case.name, way)]]
+    entry["loadavg_1m"] = {"min": min(loads), "max": max(loads)}
     for way in ways:
         entry["ways"][way], raw[f"{case.name}/{way}"] = pool(runs[(case.name, way)])
         proxy = setup.ways[way].proxy

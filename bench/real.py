@@ -46,7 +46,7 @@ from bench.loadgen import DEFAULT_PROMPT, percentiles
 from disaggd._compat import tomllib
 from disaggd.topology import Role, parse_config
 from disaggd.topology.spec import build_spec
-from tests.helpers import free_port, free_ports
+from tests.harness.common import free_port, free_ports
 
 TOPOLOGY = ROOT / "etc" / "examples" / "cpu-tiny.toml"
 RATE_FACTORS = (1.0, 2.0, 4.0)

@@ -249,7 +249,7 @@ def print_overhead(doc: Mapping[str, Any]) -> None:
     head = ("way", "ttft p50", "p99", "itl p50", "p99", "e2e p50", "p99", "req/s", "CPU/req",
             "CPU/chunk", "RSS")  # fmt: skip
     for e in _cases(doc):
-        print(f"\n  {_case_title(e)}")
+        print(f"\n  {_case_title(e)}; load average {_get(e, 'loadavg_1m')}")
         print(
             "  {:<20} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>10} {:>10} {:>7}".format(*head)
         )
@@ -383,6 +383,14 @@ def _md_targets(doc: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _router_line(info: Mapping[str, Any] | None) -> str:
+    if not info:
+        return "not run"
+    if info.get("skipped"):
+        return f"skipped: {info['skipped']}"
+    return f"`{info.get('package')}`, started as in the section above"
+
+
 def _md_overhead(doc: Mapping[str, Any]) -> list[str]:
     part = doc["overhead"]
     out = [
@@ -392,7 +400,7 @@ def _md_overhead(doc: Mapping[str, Any]) -> list[str]:
         " process):",
         "",
         f"Handoff verdicts of the decode engine, one request per proxy: {part.get('handoff')}."
-        f" vllm-router: {part.get('vllm_router')}.",
+        f" vllm-router: {_router_line(part.get('vllm_router'))}.",
         "",
         "| case | way | TTFT | ITL | e2e | req/s | CPU/req | CPU/chunk | RSS | failed |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -405,7 +413,16 @@ def _md_overhead(doc: Mapping[str, Any]) -> list[str]:
                 f"| {e['case']} | {way} | {cells} | {_fmt(w['req_per_s'])} | {cpu} | {chunk} | "
                 f"{rss} | {w['failed']} |"
             )
-    out += ["", f"Proxies' VmHWM (lifetime peak RSS) after the part: {part.get('proxy_hwm_mb')}."]
+    loads = ", ".join(
+        f"{e['case']} {e['loadavg_1m']['min']:.1f}-{e['loadavg_1m']['max']:.1f}"
+        for e in _cases(doc)
+        if "loadavg_1m" in e
+    )
+    out += [
+        "",
+        f"Proxies' VmHWM (lifetime peak RSS) after the part: {part.get('proxy_hwm_mb')}.",
+        f"1-minute load average after each run, lowest-highest per case: {loads or 'n/a'}.",
+    ]
     return out
 
 

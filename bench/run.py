@@ -62,8 +62,8 @@ from bench.overhead import (
 )
 from bench.report import plot, print_report, targets
 from disaggd import __version__
-from tests.daemon_harness import DaemonProcess
-from tests.helpers import pid_alive, wait_for, write_topology
+from tests.harness.common import pid_alive, wait_for, write_topology
+from tests.harness.daemon import DaemonProcess
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from bench.common import ROOT
-from tests.helpers import free_ports
+from tests.harness.common import free_ports
 
 PACKAGE = "vllm-router"
 #: Checked with ``pip index versions vllm-router`` (0.1.9 ... 0.1.17) and measured here.
