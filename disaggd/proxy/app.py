@@ -24,6 +24,7 @@ import quart
 
 from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
+from disaggd.proxy.admission import Admission
 from disaggd.proxy.errors import HTTPError, dumps, error_body
 from disaggd.proxy.failures import Failures, Fault, Leg, fault_of
 from disaggd.proxy.legs import Legs
@@ -118,13 +119,15 @@ class Proxy:
         self._live = Live(Settings.from_topology(topo))
         self._upstreams = Upstreams(topo.proxy.upstream_keepalive)
         acct = Accounting(metrics)
-        self._failures = Failures(acct)
+        self._failures = Failures(acct, router)
+        admission = Admission(router, metrics)
         self._pipeline = Pipeline(
             self._live,
             router,
-            Legs(router, self._upstreams, acct, self._failures),
+            Legs(router, self._upstreams, acct, self._failures, admission),
             Replies(acct, self._failures),
             acct,
+            admission=admission,
         )
         self._started = int(time.time())
         metrics.inflight.set_function(lambda: self._live.inflight)
@@ -138,6 +141,8 @@ class Proxy:
         app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does
         app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
         app.add_url_rule("/health", "health", self._health, methods=["GET"])
+        app.add_url_rule("/livez", "livez", self._livez, methods=["GET"])
+        app.add_url_rule("/readyz", "readyz", self._readyz, methods=["GET"])
         app.add_url_rule("/metrics", "metrics", self._metrics_view, methods=["GET"])
         app.add_url_rule("/v1/models", "models", self._models, methods=["GET"])
         app.register_error_handler(404, self._not_found)
@@ -241,6 +246,24 @@ class Proxy:
             return _json(503, body, retry)
         body.update(status="ok", missing=[])
         return _json(200, body)
+
+    async def _livez(self) -> quart.Response:
+        """Liveness: the daemon's loop answers (200 while it serves, draining included).
+        A failure means "restart me"; not ready is `/readyz`'s question."""
+        return _json(200, {"status": "alive"})
+
+    async def _readyz(self) -> quart.Response:
+        """Readiness: a prefill and a decode can take a request (ready, not draining, breaker
+        not open) and the proxy is not draining: 200, else 503 with ``Retry-After``."""
+        router = self._router
+        prefill = router.routable_count(Role.PREFILL)
+        decode = router.routable_count(Role.DECODE)
+        body: dict[str, Any] = {"prefill_routable": prefill, "decode_routable": decode}
+        if self._live.accepting and prefill and decode:
+            return _json(200, {"status": "ready", **body})
+        retry = {"Retry-After": str(self._live.settings.proxy.retry_after)}
+        status = "draining" if not self._live.accepting else "not_ready"
+        return _json(503, {"status": status, **body}, retry)
 
     async def _metrics_view(self) -> quart.Response:
         return quart.Response(self._metrics.render(), status=200, content_type=Metrics.CONTENT_TYPE)

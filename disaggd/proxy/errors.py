@@ -93,3 +93,20 @@ def unavailable(message: str) -> HTTPError:
 def too_large(limit: int) -> HTTPError:
     """413: the body is over ``[proxy] max_body_bytes`` (`limit`, bytes)."""
     return HTTPError(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
+
+
+def body_timeout(seconds: float) -> HTTPError:
+    """408: the request body did not arrive within ``[proxy] body_timeout`` (`seconds`)."""
+    return HTTPError(
+        408,
+        f"the request body was not received within {seconds:g} s",
+        "invalid_request_error",
+        headers=[(b"connection", b"close")],
+    )
+
+
+def unencodable(exc: BaseException) -> HTTPError:
+    """400 for input Python can decode but not use: nesting too deep, lone surrogates."""
+    if isinstance(exc, RecursionError):
+        return bad_request("the request body is nested too deeply")
+    return bad_request("the request body holds text that is not valid Unicode (a lone surrogate?)")

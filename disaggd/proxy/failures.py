@@ -14,6 +14,7 @@ prefill    TIMEOUT       timeout        prefill_timeout:{up}                    
 prefill    DEADLINE      timeout        prefill_timeout:{up}                    504
 prefill    BROKEN        disconnect     prefill_{exc_type}:{up}                 retry
 prefill    HTTP_4XX      http_4xx       prefill_http_{status}:{up}              as is
+prefill    HTTP_429      http_429       prefill_http_429:{up}                   retry
 prefill    HTTP_5XX      http_5xx       prefill_http_{status}:{up}              retry
 prefill    BAD_RESPONSE  bad_response   prefill_bad_response:{up}               retry
 decode     CONNECT       connect        decode_connect:{up}                     retry, 502
@@ -43,6 +44,7 @@ import aiohttp
 
 from disaggd.proxy.errors import HTTPError, gateway_timeout
 from disaggd.proxy.record import Accounting, Record
+from disaggd.proxy.router import Router
 
 #: Connecting failed: the upstream never saw the request, so another one may take it.
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,)
@@ -66,6 +68,7 @@ class Fault(Enum):
     DEADLINE = "deadline"  # the request's deadline passed during the leg
     BROKEN = "broken"  # any other client error before the answer was read
     HTTP_4XX = "http_4xx"
+    HTTP_429 = "http_429"  # the instance is busy: another one may take it
     HTTP_5XX = "http_5xx"  # any non-200, non-4xx status
     BAD_RESPONSE = "bad_response"  # a 200 whose body is not a usable result
     STREAM_CUT = "stream_cut"  # the connection broke mid-stream
@@ -109,6 +112,7 @@ TABLE: dict[tuple[Leg, Fault], Rule] = {
     (_P, Fault.DEADLINE): Rule("timeout", "prefill_timeout:{up}", 504),
     (_P, Fault.BROKEN): Rule("disconnect", "prefill_{exc_type}:{up}", retry=True),
     (_P, Fault.HTTP_4XX): Rule("http_4xx", "prefill_http_{status}:{up}"),
+    (_P, Fault.HTTP_429): Rule("http_429", "prefill_http_429:{up}", retry=True),
     (_P, Fault.HTTP_5XX): Rule("http_5xx", "prefill_http_{status}:{up}", retry=True),
     (_P, Fault.BAD_RESPONSE): Rule("bad_response", "prefill_bad_response:{up}", retry=True),
     (_D, Fault.CONNECT): Rule(
@@ -119,6 +123,7 @@ TABLE: dict[tuple[Leg, Fault], Rule] = {
         "disconnect", "decode_{exc_type}:{up}", 502, "decode instance {up} failed: {exc}"
     ),
     (_D, Fault.HTTP_4XX): Rule("http_4xx", "decode_http_{status}:{up}"),
+    (_D, Fault.HTTP_429): Rule("http_4xx", "decode_http_{status}:{up}"),
     (_D, Fault.HTTP_5XX): Rule("http_5xx", "decode_http_{status}:{up}"),
     (_D, Fault.STREAM_CUT): Rule(
         "stream_cut", "decode_{exc_type}:{up}", 502, "decode instance {up} failed mid-stream: {exc}"
@@ -134,6 +139,7 @@ TABLE: dict[tuple[Leg, Fault], Rule] = {
     (_M, Fault.BROKEN): Rule("connect", ""),
     (_M, Fault.TIMEOUT): Rule("timeout", ""),
     (_M, Fault.HTTP_4XX): Rule("http_4xx", ""),
+    (_M, Fault.HTTP_429): Rule("http_4xx", ""),
     (_M, Fault.HTTP_5XX): Rule("http_5xx", ""),
 }
 
@@ -149,14 +155,33 @@ def fault_of(exc: BaseException) -> Fault:
 
 def status_fault(status: int) -> Fault:
     """The `Fault` of a non-200 upstream status."""
+    if status == 429:
+        return Fault.HTTP_429
     return Fault.HTTP_4XX if 400 <= status < 500 else Fault.HTTP_5XX
+
+
+#: Faults that count against an instance's breaker (`disaggd.proxy.breaker`): it
+#: could not answer. A 4xx (the request's fault), a 429 (busy, not broken), the
+#: request's own deadline and an engine abort (shutting down) never count.
+BREAKER_FAULTS = frozenset(
+    {
+        Fault.CONNECT,
+        Fault.TIMEOUT,
+        Fault.BROKEN,
+        Fault.HTTP_5XX,
+        Fault.BAD_RESPONSE,
+        Fault.STREAM_CUT,
+        Fault.STREAM_SHORT,
+    }
+)
 
 
 class Failures:
     """Applies `TABLE`: counts a failure and writes the request's error tag."""
 
-    def __init__(self, accounting: Accounting) -> None:
+    def __init__(self, accounting: Accounting, router: Router | None = None) -> None:
         self._acct = accounting
+        self._router = router
 
     def fail(
         self,
@@ -175,6 +200,10 @@ class Failures:
         """
         rule = TABLE[(leg, fault)]
         self._acct.upstream_error(up, rule.kind)
+        if self._router is not None and fault in BREAKER_FAULTS and leg is not Leg.MODELS:
+            upstream = self._router.get(up)
+            if upstream is not None:
+                self._router.failed(upstream, rule.kind)
         if rec is not None:
             rec.error = rule.tag.format(up=up, exc=exc, exc_type=type(exc).__name__, status=status)
         return rule

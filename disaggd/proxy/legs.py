@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 
+from disaggd.proxy.admission import Admission
 from disaggd.proxy.errors import Passthrough, gateway_timeout
-from disaggd.proxy.failures import Failures, Fault, Leg, fault_of, status_fault
+from disaggd.proxy.failures import Failures, Fault, Leg, Rule, fault_of, status_fault
 from disaggd.proxy.record import Accounting, Record
 from disaggd.proxy.router import Lease, Router, Upstream
 from disaggd.proxy.upstreams import Upstreams, client_timeout, done_with
@@ -52,12 +54,29 @@ class Legs:
     """Sends legs to upstreams; shared by every request of one proxy."""
 
     def __init__(
-        self, router: Router, upstreams: Upstreams, accounting: Accounting, failures: Failures
+        self,
+        router: Router,
+        upstreams: Upstreams,
+        accounting: Accounting,
+        failures: Failures,
+        admission: Admission,
     ) -> None:
         self._router = router
         self._up = upstreams
         self._acct = accounting
         self._failures = failures
+        self._admission = admission
+
+    def _abandoned(self) -> bool:
+        """Whether the current task was cancelled because its upstream stalled
+        (`Router.abandon`): then the cancel is taken back and the leg fails over."""
+        task = asyncio.current_task()
+        if task is None or task not in self._router.abandoned:
+            return False
+        self._router.abandoned.discard(task)
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        return True
 
     def attempt(self, rec: Record, prefill: Upstream | None, decode: Upstream) -> None:
         """Start an attempt: the id both its legs carry (the connector's `request_id`)."""
@@ -85,7 +104,7 @@ class Legs:
         body = rec.s.handoff.prefill_body(rec.req)
         tried: list[str] = []
         while True:
-            up = self._router.pick(Role.PREFILL, tried)
+            up = await self._admission.take(rec, Role.PREFILL, tried, required=False)
             if up is None:
                 return None
             if tried:
@@ -104,9 +123,11 @@ class Legs:
         if remaining <= 0:
             raise gateway_timeout()
         total = min(rec.s.proxy.prefill_timeout, remaining)
-        with self._router.hold(up):
+        router = self._router
+        with router.hold(up):
             t = time.monotonic()
             resp: aiohttp.ClientResponse | None = None
+            router.sent(up)
             try:
                 resp = await self._up.session(up).post(
                     self._up.url(up, rec.route),
@@ -115,24 +136,39 @@ class Legs:
                     timeout=client_timeout(total, rec.s.connect_timeout),
                 )
                 data = await resp.read()
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-                fault = fault_of(exc)
-                if fault is Fault.TIMEOUT and total >= remaining:
-                    fault = Fault.DEADLINE  # the request's own deadline, not the leg's
-                rule = self._failures.fail(rec, Leg.PREFILL, fault, up.name, exc)
-                if rule.status is not None:
-                    raise rule.error(up.name, exc) from None
+            except (asyncio.TimeoutError, aiohttp.ClientError, asyncio.CancelledError) as exc:
+                self._prefill_failed(rec, up, exc, total >= remaining)
                 return None
             finally:
+                router.answered(up)
                 if resp is not None:
                     done_with(resp)
                 self._acct.prefill_leg(rec, up.name, time.monotonic() - t)
         return self._judge_prefill(rec, up, resp, data)
 
+    def _prefill_failed(self, rec: Record, up: Upstream, exc: BaseException, last: bool) -> None:
+        """A prefill attempt raised `exc`: count it, and raise unless another may be tried.
+
+        `last`: the leg's timeout was the request's own deadline.
+        """
+        if isinstance(exc, asyncio.CancelledError):
+            if rec.disconnected or not self._abandoned():
+                raise exc
+            # Its instance stalled (no answer to anything): another prefill takes it.
+            exc = asyncio.TimeoutError(f"{up.name} stalled")
+        fault = fault_of(exc)
+        if fault is Fault.TIMEOUT and last:
+            fault = Fault.DEADLINE  # the request's own deadline, not the leg's
+        rule = self._failures.fail(rec, Leg.PREFILL, fault, up.name, exc)
+        if rule.status is not None:
+            raise rule.error(up.name, exc) from None
+
     def _judge_prefill(
         self, rec: Record, up: Upstream, resp: aiohttp.ClientResponse, data: bytes
     ) -> dict[str, Any] | None:
         status = resp.status
+        if status < 500:
+            self._router.succeeded(up)  # it answers: a 4xx is the request's fault
         if status != 200:
             rule = self._failures.fail(
                 rec, Leg.PREFILL, status_fault(status), up.name, status=status
@@ -192,18 +228,38 @@ class Legs:
         remaining = rec.remaining()
         if remaining <= 0:
             raise gateway_timeout()
+        router = self._router
+        router.sent(up)
         try:
-            return await self._up.session(up).post(
+            resp = await self._up.session(up).post(
                 self._up.url(up, rec.route),
                 data=body,
                 headers=self._headers(rec),
                 timeout=client_timeout(remaining, rec.s.connect_timeout),
             )
+        except asyncio.CancelledError:
+            if rec.disconnected or not self._abandoned():
+                raise
+            # Its instance stalled before answering: like a connect failure, it fails over.
+            exc: BaseException = aiohttp.ServerTimeoutError(f"{up.name} stalled")
+            rule = self._failures.fail(rec, Leg.DECODE, Fault.CONNECT, up.name, exc)
+            return self._next_decode(up, exc, rule, pinned, tried)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             # A timeout's total is the request's remaining time: the deadline.
             rule = self._failures.fail(rec, Leg.DECODE, fault_of(exc), up.name, exc)
-            tried.append(up.name)
-            nxt = None if not rule.retry or pinned else self._router.pick(Role.DECODE, tried)
-            if nxt is None:
-                raise rule.error(up.name, exc) from None
-            return nxt
+            return self._next_decode(up, exc, rule, pinned, tried)
+        finally:
+            router.answered(up)
+        if resp.status < 500:
+            router.succeeded(up)
+        return resp
+
+    def _next_decode(
+        self, up: Upstream, exc: BaseException, rule: Rule, pinned: bool, tried: list[str]
+    ) -> Upstream:
+        """The decode to try after `up` failed with `exc` (`rule`); raises its error when none."""
+        tried.append(up.name)
+        nxt = self._router.pick(Role.DECODE, tried) if rule.retry and not pinned else None
+        if nxt is None:
+            raise rule.error(up.name, exc) from None
+        return nxt

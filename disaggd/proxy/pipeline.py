@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from disaggd.observe.logs import get_logger
-from disaggd.proxy.errors import HTTPError, too_large, unavailable
+from disaggd.proxy.admission import Admission
+from disaggd.proxy.errors import HTTPError, body_timeout, too_large, unavailable, unencodable
 from disaggd.proxy.legs import Legs, first_finish
 from disaggd.proxy.record import Accounting, Decision, Record, Send
 from disaggd.proxy.reply import Replies
@@ -53,6 +54,9 @@ from disaggd.topology import Role
 #: Status recorded for a request whose client went away first (nginx's convention).
 CLIENT_CLOSED = 499
 
+#: Bodies larger than this (bytes) are JSON-decoded in a worker thread.
+PARSE_OFF_LOOP_BYTES = 256 * 1024
+
 log = get_logger("disaggd.proxy")
 
 
@@ -71,13 +75,21 @@ class Pipeline:
     """Serves inference requests: one `serve` call per request."""
 
     def __init__(
-        self, live: Live, router: Router, legs: Legs, replies: Replies, accounting: Accounting
+        self,
+        live: Live,
+        router: Router,
+        legs: Legs,
+        replies: Replies,
+        accounting: Accounting,
+        *,
+        admission: Admission,
     ) -> None:
         self._live = live
         self._router = router
         self._legs = legs
         self._replies = replies
         self._acct = accounting
+        self._admission = admission
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         """Serve one request on `route`; never raises except on the server's own cancel."""
@@ -94,9 +106,12 @@ class Pipeline:
                         self._watch_disconnect(receive, task, rec)
                     )
                     await self._flow(rec)
-            except HTTPError as err:
+            except (HTTPError, RecursionError, UnicodeError) as exc:
                 if rec.started:  # pragma: no cover - past the first byte errors are in-band
                     raise
+                # RecursionError: JSON nested past the interpreter's limit; UnicodeError: a
+                # lone UTF-16 surrogate ("\ud800") that cannot be encoded again.
+                err = exc if isinstance(exc, HTTPError) else unencodable(exc)
                 await self._replies.error(rec, err)
         except asyncio.CancelledError:
             if not rec.disconnected:
@@ -124,9 +139,8 @@ class Pipeline:
 
     async def _flow(self, rec: Record) -> None:
         """decide → prefill leg → decode leg → reply; the decode is held throughout."""
-        decode = self._router.pick(Role.DECODE)
-        if decode is None:
-            raise unavailable("no decode instance is ready")
+        decode = await self._admission.take(rec, Role.DECODE)
+        assert decode is not None
         with self._router.hold(decode) as held:
             rec.decision = decide(rec)  # what a prefill's 4xx or a 504 is counted as
             params: dict[str, Any] | None = None
@@ -197,14 +211,22 @@ class Pipeline:
             raise too_large(limit)
         if s.proxy.forward_authorization:
             rec.auth = head.auth
-        raw = await read_body(receive, limit)
+        try:
+            raw = await asyncio.wait_for(read_body(receive, limit), s.proxy.body_timeout)
+        except asyncio.TimeoutError:
+            raise body_timeout(s.proxy.body_timeout) from None
         if raw is None:
             rec.disconnected = True
             rec.status = CLIENT_CLOSED
             rec.error = "client_disconnected"
             return False
         rec.raw = raw
-        rec.req = parse_request(rec.route, raw)
+        if len(raw) > PARSE_OFF_LOOP_BYTES:
+            # A body this big takes milliseconds to decode: a worker thread does it, so
+            # that the loop (supervision's probes, /livez) runs meanwhile.
+            rec.req = await asyncio.to_thread(parse_request, rec.route, raw)
+        else:
+            rec.req = parse_request(rec.route, raw)
         rec.stream = rec.req.get("stream") is True
         return True
 

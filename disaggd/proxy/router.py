@@ -13,22 +13,31 @@ Policies, per role (``[proxy] prefill_policy`` / ``decode_policy``):
   deployment still spreads requests over every instance;
 * ``round_robin``: the next eligible upstream after the last one picked.
 
-Eligible means ready, not draining and not excluded by the caller (a retry
-excludes the instances that already failed this request).
+Eligible means ready, not draining, not excluded by the caller (a retry
+excludes the instances that already failed this request), under its role's
+in-flight limit (``[proxy] prefill_max_inflight`` / ``decode_max_inflight``),
+and with its breaker letting requests through (`disaggd.proxy.breaker`: fed by
+`succeeded`, `failed` and the stall check, which opens the breaker of an
+instance whose requests have waited ``stall_timeout`` s with no answer at all).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
+from disaggd.observe.logs import get_logger
+from disaggd.proxy.breaker import Breaker, BreakerState
 from disaggd.topology import Role, Topology
 from disaggd.topology.spec import InstanceSpec, build_specs
 
 Policy = Literal["least_outstanding", "round_robin"]
+
+log = get_logger("disaggd.proxy")
 
 
 @dataclass(eq=False)
@@ -43,6 +52,9 @@ class Upstream:
         ready: the supervisor (or health prober) says it answers requests.
         draining: being taken out: never picked, requests in flight continue.
         outstanding: requests this proxy has in flight on it right now.
+        breaker: its passive-health breaker; ``tripped`` mirrors "not closed".
+        waiting: legs sent to it that have no answer yet; ``progress_at`` is when
+            it last answered anything (or when it began to owe an answer).
     """
 
     name: str
@@ -52,6 +64,12 @@ class Upstream:
     ready: bool = False
     draining: bool = False
     outstanding: int = 0
+    breaker: Breaker = field(default_factory=lambda: Breaker(0, 1.0), repr=False)
+    tripped: bool = False
+    waiting: int = 0
+    progress_at: float = 0.0
+    # Tasks waiting for an answer from it (`sent`), cancelled when it stalls.
+    _waiters: set[asyncio.Task[object]] = field(default_factory=set, repr=False, init=False)
     # Waiters of `Router.wait_idle`, woken when `outstanding` drops to 0.
     _idle_waiters: list[asyncio.Event] = field(default_factory=list, repr=False, init=False)
     # Removed from the topology but still serving requests: forgotten once idle.
@@ -110,6 +128,16 @@ class Router:
             Role.PREFILL: "least_outstanding",
             Role.DECODE: "least_outstanding",
         }
+        self._limit: dict[Role, int] = {Role.PREFILL: 0, Role.DECODE: 0}
+        self._breaker = (0, 1.0)  # (threshold, cooldown)
+        self._stall = 0.0
+        # Requests waiting for a slot under the in-flight limit (`wait_slot`), per role.
+        self._slot_waiters: dict[Role, deque[asyncio.Future[None]]] = {
+            Role.PREFILL: deque(),
+            Role.DECODE: deque(),
+        }
+        # Tasks `abandon` cancelled because their upstream stalled (they uncancel).
+        self.abandoned: set[asyncio.Task[object]] = set()
         for name, spec in build_specs(topo).items():
             self._by_name[name] = _upstream_for(spec)
         self._apply_policies(topo)
@@ -170,10 +198,19 @@ class Router:
         self._reindex()
 
     def _apply_policies(self, topo: Topology) -> None:
-        self._policy[Role.PREFILL] = topo.proxy.prefill_policy
-        self._policy[Role.DECODE] = topo.proxy.decode_policy
+        p = topo.proxy
+        self._policy[Role.PREFILL] = p.prefill_policy
+        self._policy[Role.DECODE] = p.decode_policy
+        self._limit[Role.PREFILL] = p.prefill_max_inflight
+        self._limit[Role.DECODE] = p.decode_max_inflight
+        self._breaker = (p.breaker_failures, p.breaker_cooldown)
+        self._stall = p.stall_timeout
+        for up in self._by_name.values():
+            up.breaker.threshold, up.breaker.cooldown = self._breaker
 
     def _reindex(self) -> None:
+        for up in self._by_name.values():
+            up.breaker.threshold, up.breaker.cooldown = self._breaker
         for role in Role:
             ups = [u for u in self._by_name.values() if u.role is role]
             self._by_role[role] = ups
@@ -189,6 +226,8 @@ class Router:
         up = self._by_name.get(name)
         if up is not None:
             up.ready = ready
+            if ready:
+                self._wake(up.role)
 
     def set_draining(self, name: str, draining: bool) -> None:
         """Take an instance out of (or back into) rotation; requests in flight continue."""
@@ -210,6 +249,8 @@ class Router:
             return None
         start = self._cursor[role]
         least = self._policy[role] == "least_outstanding"
+        limit = self._limit[role]
+        now = time.monotonic()
         best: Upstream | None = None
         best_idx = 0
         for k in range(n):
@@ -217,7 +258,9 @@ class Router:
             if idx >= n:
                 idx -= n
             up = ups[idx]
-            if not up.ready or up.draining or (exclude and up.name in exclude):
+            if not self._routable(up, now) or (exclude and up.name in exclude):
+                continue
+            if limit and up.outstanding >= limit:
                 continue
             if best is None or (least and up.outstanding < best.outstanding):
                 best = up
@@ -226,7 +269,117 @@ class Router:
                     break  # nothing can beat it; the scan order already did the tie breaking
         if best is not None:
             self._cursor[role] = best_idx + 1 if best_idx + 1 < n else 0
+            if best.tripped:
+                best.breaker.trial_started(now)
+                log.info("breaker_trial", instance=best.name)
         return best
+
+    def _routable(self, up: Upstream, now: float) -> bool:
+        """Ready, not draining, not stalled, breaker letting requests through."""
+        if not up.ready or up.draining:
+            return False
+        if self._stall and up.waiting and now - up.progress_at > self._stall:
+            self._trip(up, now, "stall")
+        return not up.tripped or up.breaker.can_pass(now)
+
+    def full(self, role: Role, exclude: Collection[str] = ()) -> bool:
+        """True when an instance of `role` could take a request but for its in-flight limit."""
+        limit = self._limit[role]
+        if not limit:
+            return False
+        now = time.monotonic()
+        return any(
+            self._routable(up, now) and up.name not in exclude and up.outstanding >= limit
+            for up in self._by_role[role]
+        )
+
+    def routable_count(self, role: Role) -> int:
+        """Upstreams of `role` a request could go to now or after a wait for a slot."""
+        now = time.monotonic()
+        return sum(1 for up in self._by_role[role] if self._routable(up, now))
+
+    async def wait_slot(self, role: Role, timeout: float) -> bool:
+        """Wait until a request of `role` is released (a slot may be free); False on timeout."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._slot_waiters[role]
+        waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+        return True
+
+    def queued(self, role: Role) -> int:
+        """Requests waiting for a slot of `role` now."""
+        return len(self._slot_waiters[role])
+
+    def _wake(self, role: Role) -> None:
+        waiters = self._slot_waiters[role]
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    # -- passive health ------------------------------------------------------------------
+
+    def sent(self, up: Upstream) -> None:
+        """A leg was sent to `up` and waits for its answer (the current task)."""
+        if up.waiting == 0:
+            up.progress_at = time.monotonic()
+        up.waiting += 1
+        task = asyncio.current_task()
+        if task is not None:
+            up._waiters.add(task)
+
+    def answered(self, up: Upstream) -> None:
+        """`up` answered a leg that `sent` counted (or the leg gave up on it)."""
+        up.waiting = max(0, up.waiting - 1)
+        up.progress_at = time.monotonic()
+        task = asyncio.current_task()
+        if task is not None:
+            up._waiters.discard(task)
+
+    def succeeded(self, up: Upstream) -> None:
+        """A leg on `up` succeeded: its breaker closes."""
+        if up.breaker.success() is not None:
+            up.tripped = False
+            log.info("breaker_closed", instance=up.name)
+            self._wake(up.role)
+
+    def failed(self, up: Upstream, kind: str) -> None:
+        """A leg on `up` failed for `kind` (never a 4xx)."""
+        if up.breaker.failure(time.monotonic(), kind) is not None:
+            self._opened(up)
+
+    def _trip(self, up: Upstream, now: float, reason: str) -> None:
+        if up.breaker.trip(now, reason) is not None:
+            self._opened(up)
+        up.progress_at = now  # judged: the next stall needs another full period
+        # Legs still waiting on it go elsewhere (`abandoned` tells them why they were cancelled).
+        for task in list(up._waiters):
+            self.abandoned.add(task)
+            task.cancel()
+        up._waiters.clear()
+
+    def _opened(self, up: Upstream) -> None:
+        up.tripped = True
+        b = up.breaker
+        log.warning(
+            "breaker_opened",
+            instance=up.name,
+            reason=b.reason,
+            failures=b.failures,
+            cooldown=b.cooldown,
+        )
+
+    def breaker_state(self, name: str) -> BreakerState | None:
+        """The breaker state of instance `name`, or None when unknown."""
+        up = self._by_name.get(name)
+        return None if up is None else up.breaker.state
 
     def hold(self, up: Upstream) -> Lease:
         """A `Lease` on `up`: ``with router.hold(up) as held:`` counts it in flight."""
@@ -239,6 +392,8 @@ class Router:
     def release(self, up: Upstream) -> None:
         """Count one request less on `up`; wakes `wait_idle` waiters when it reaches 0."""
         up.outstanding -= 1
+        if self._slot_waiters[up.role]:
+            self._wake(up.role)
         if up.outstanding <= 0:
             up.outstanding = 0
             if up._idle_waiters:

@@ -278,6 +278,38 @@ class ProxySection(_Section):
         default=4.0,
         description="Idle pooled connection lifetime; below vLLM's (uvicorn) 5 s keep-alive.",
     )
+    # -- admission (issue 13): 0 = no limit, today's behaviour --------------------------------
+    prefill_max_inflight: Int = Field(
+        default=0, ge=0, description="Requests in flight per prefill instance; 0: no limit."
+    )
+    decode_max_inflight: Int = Field(
+        default=0, ge=0, description="Requests in flight per decode instance; 0: no limit."
+    )
+    queue_size: Int = Field(
+        default=256, ge=0, description="Requests waiting for a slot at most; past it 429."
+    )
+    queue_timeout: Seconds = Field(
+        default=10.0, description="Longest wait for a slot, seconds; past it 429."
+    )
+    # -- passive health: a breaker per instance -------------------------------------------
+    breaker_failures: Int = Field(
+        default=5,
+        ge=0,
+        description="Consecutive failures (connect, reset, 5xx, timeout) that open an "
+        "instance's breaker; 0 disables the breaker.",
+    )
+    breaker_cooldown: Seconds = Field(
+        default=5.0, description="Seconds an open breaker waits before one trial request."
+    )
+    stall_timeout: Number = Field(
+        default=3.0,
+        ge=0,
+        description="An instance with requests waiting and no answer for this long "
+        "(seconds) is stalled: its breaker opens. 0 disables.",
+    )
+    body_timeout: Seconds = Field(
+        default=30.0, description="Reading a request's whole body, seconds; past it 408."
+    )
 
 
 class DaemonSection(_Section):

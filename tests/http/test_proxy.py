@@ -641,8 +641,8 @@ class _FakeEngine:
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for text in ("a", "b"):
-            chunk = {**head, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+        for text, finish in (("a", None), ("b", "length")):
+            chunk = {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         opts = body.get("stream_options") or {}
         if opts.get("include_usage"):

@@ -335,7 +335,7 @@ def test_failure_table_counts_tags_and_decides(tmp_path: Path) -> None:
     assert metric_value(text, "disaggd_upstream_errors_total", kind="stream_cut") == 1
     # Every fault a prefill or decode leg can meet has a row.
     for leg, faults in (
-        (Leg.PREFILL, set(Fault) - {Fault.STREAM_CUT, Fault.STREAM_SHORT}),
+        (Leg.PREFILL, set(Fault) - {Fault.STREAM_CUT, Fault.STREAM_SHORT, Fault.ABORTED}),
         (Leg.DECODE, set(Fault) - {Fault.DEADLINE, Fault.BAD_RESPONSE}),
     ):
         assert {f for (lg, f) in TABLE if lg is leg} == faults
