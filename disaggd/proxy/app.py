@@ -105,6 +105,18 @@ def _error(
     )
 
 
+async def _refuse_websocket(scope: MutableMapping[str, Any], send: Send) -> None:
+    """No route takes a WebSocket: a 400 in the API's error shape where the server can
+    send a denial response (ASGI's ``websocket.http.response``), else a plain close (403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = error_body("WebSockets are not served here", "invalid_request_error", 400)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        return
+    await send({"type": "websocket.close", "code": 1008})
+
+
 class Proxy:
     """The OpenAI-compatible proxy of one daemon.
 
@@ -227,6 +239,9 @@ class Proxy:
             if path in INFERENCE_ROUTES:
                 await self._pipeline.serve(scope, receive, send, path)
                 return
+        elif scope["type"] == "websocket":
+            await _refuse_websocket(scope, send)
+            return
         await self._quart_asgi(scope, receive, send)
 
     # -- Quart views -----------------------------------------------------------------------

@@ -30,6 +30,16 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "min_tokens", "min_completion_tokens")
 
+#: Least value of the integer fields, as vLLM's SamplingParams._verify_args checks them
+#: (vllm/sampling_params.py: n >= 1, max_tokens >= 1, min_tokens >= 0): refused here
+#: before any leg, not after a wasted prefill.
+_INT_MIN = {"max_tokens": 1, "max_completion_tokens": 1, "n": 1}
+
+#: Largest value any of them may take: beyond any context length (and int32).
+_INT_MAX = (1 << 31) - 1
+
+_NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+
 
 class Head:
     """What the proxy reads from the request's headers (one pass over them).
@@ -174,9 +184,21 @@ def parse_request(route: str, raw: bytes) -> dict[str, Any]:
         raise bad_request(
             "'stream_options' can only be set when 'stream' is true", "stream_options"
         )
+    _check_values(req)
+    return req
+
+
+def _check_values(req: Mapping[str, Any]) -> None:
+    """Types and ranges that need no model: integer fields, sampling numbers."""
     for key in _INT_FIELDS:
         _check_optional(req, key, int, "an integer")
-    return req
+        value = req.get(key)
+        if value is not None and not _INT_MIN.get(key, 0) <= value <= _INT_MAX:
+            raise bad_request(
+                f"'{key}' must be between {_INT_MIN.get(key, 0)} and {_INT_MAX}, got {value}", key
+            )
+    for key in _NUMBER_FIELDS:
+        _check_optional(req, key, (int, float), "a number")
 
 
 def prompt_chars(route: str, req: Mapping[str, Any]) -> int:

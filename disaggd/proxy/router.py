@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from disaggd.observe.logs import get_logger
 from disaggd.proxy.breaker import Breaker, BreakerState
@@ -38,6 +38,10 @@ from disaggd.topology.spec import InstanceSpec, build_specs
 Policy = Literal["least_outstanding", "round_robin"]
 
 log = get_logger("disaggd.proxy")
+
+#: Legs that must be waiting on an instance, none answered for ``stall_timeout``, to call
+#: it stalled (a lone long prefill is not).
+STALL_MIN_WAITING = 2
 
 
 @dataclass(eq=False)
@@ -69,7 +73,9 @@ class Upstream:
     waiting: int = 0
     progress_at: float = 0.0
     # Tasks waiting for an answer from it (`sent`), cancelled when it stalls.
-    _waiters: set[asyncio.Task[object]] = field(default_factory=set, repr=False, init=False)
+    _waiters: set[asyncio.Task[Any]] = field(default_factory=set, repr=False, init=False)
+    # The stall check's timer: armed while something waits on it (`Router.sent`).
+    _stall_timer: asyncio.TimerHandle | None = field(default=None, repr=False, init=False)
     # Waiters of `Router.wait_idle`, woken when `outstanding` drops to 0.
     _idle_waiters: list[asyncio.Event] = field(default_factory=list, repr=False, init=False)
     # Removed from the topology but still serving requests: forgotten once idle.
@@ -137,7 +143,7 @@ class Router:
             Role.DECODE: deque(),
         }
         # Tasks `abandon` cancelled because their upstream stalled (they uncancel).
-        self.abandoned: set[asyncio.Task[object]] = set()
+        self.abandoned: set[asyncio.Task[Any]] = set()
         for name, spec in build_specs(topo).items():
             self._by_name[name] = _upstream_for(spec)
         self._apply_policies(topo)
@@ -278,7 +284,7 @@ class Router:
         """Ready, not draining, not stalled, breaker letting requests through."""
         if not up.ready or up.draining:
             return False
-        if self._stall and up.waiting and now - up.progress_at > self._stall:
+        if up.waiting >= STALL_MIN_WAITING and self._stall and now - up.progress_at > self._stall:
             self._trip(up, now, "stall")
         return not up.tripped or up.breaker.can_pass(now)
 
@@ -331,6 +337,10 @@ class Router:
         if up.waiting == 0:
             up.progress_at = time.monotonic()
         up.waiting += 1
+        if self._stall and up._stall_timer is None:
+            # One timer per instance and stall period, not one per leg: it re-arms itself.
+            loop = asyncio.get_running_loop()
+            up._stall_timer = loop.call_later(self._stall, self._check_stall, up)
         task = asyncio.current_task()
         if task is not None:
             up._waiters.add(task)
@@ -342,6 +352,23 @@ class Router:
         task = asyncio.current_task()
         if task is not None:
             up._waiters.discard(task)
+
+    def _check_stall(self, up: Upstream) -> None:
+        """The stall timer fired: open `up`'s breaker if it answered nothing for
+        ``stall_timeout`` while owing answers; else look again when that could be."""
+        up._stall_timer = None
+        if not up.waiting or not self._stall:
+            return
+        now = time.monotonic()
+        due = up.progress_at + self._stall
+        # Two legs at least: one long prefill alone answers nothing for a while and is
+        # not a stall; an engine that batches answers its other requests meanwhile.
+        if now >= due and up.waiting >= STALL_MIN_WAITING:
+            self._trip(up, now, "stall")
+            due = now + self._stall
+        if up.waiting:
+            loop = asyncio.get_running_loop()
+            up._stall_timer = loop.call_later(max(due - now, 0.01), self._check_stall, up)
 
     def succeeded(self, up: Upstream) -> None:
         """A leg on `up` succeeded: its breaker closes."""
@@ -356,6 +383,8 @@ class Router:
             self._opened(up)
 
     def _trip(self, up: Upstream, now: float, reason: str) -> None:
+        if up.breaker.threshold <= 0:
+            return  # the breaker is off: a stall is left to the timeouts
         if up.breaker.trip(now, reason) is not None:
             self._opened(up)
         up.progress_at = now  # judged: the next stall needs another full period

@@ -304,8 +304,9 @@ class ProxySection(_Section):
     stall_timeout: Number = Field(
         default=3.0,
         ge=0,
-        description="An instance with requests waiting and no answer for this long "
-        "(seconds) is stalled: its breaker opens. 0 disables.",
+        description="An instance with two or more requests waiting and no answer at all "
+        "for this long (seconds) is stalled: its breaker opens and the waiting legs go to "
+        "another instance. 0 disables.",
     )
     body_timeout: Seconds = Field(
         default=30.0, description="Reading a request's whole body, seconds; past it 408."
