@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import os
 import socket
 from collections.abc import Coroutine
 from pathlib import Path
@@ -60,7 +62,24 @@ def run_daemon(
     """
     logs.configure(log_format or topo.daemon.log_format, log_level or topo.daemon.log_level)
     daemon = Daemon(config_path, topo)
+    if _uvloop_wanted():
+        import uvloop
+
+        return uvloop.run(daemon.run())
     return asyncio.run(daemon.run())
+
+
+def _uvloop_wanted() -> bool:
+    """uvloop (libuv) unless ``DISAGGD_LOOP=asyncio`` or it is not installed.
+
+    Its transports and scheduling cost the proxy about a tenth less CPU per
+    request and per streamed chunk (issue 11, ``bench/results/profile-*.txt``).
+    Supervision does not care which loop runs it: a child's exit is seen through
+    a pidfd, not asyncio's child watcher (`disaggd.supervise.osapi`).
+    """
+    if os.environ.get("DISAGGD_LOOP", "uvloop") == "asyncio":
+        return False
+    return importlib.util.find_spec("uvloop") is not None
 
 
 class Daemon:

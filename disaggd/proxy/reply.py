@@ -163,7 +163,7 @@ class Replies:
         fails before any event still gets a proper HTTP error status.
         """
         send = rec.send
-        itl = self._acct.itl[rec.route]
+        gaps = rec.gaps = self._acct.gaps(rec.route)
         pending = tail = prev_tail = b""
         while True:
             chunk = await content.readany()
@@ -191,7 +191,7 @@ class Replies:
                 rec.ttft = now - rec.t0
             elif not chunk.startswith(DONE) and b'"choices":[]' not in chunk:
                 # The usage chunk and [DONE] follow the last token at once: not a gap.
-                itl.observe(now - rec.last_sent)
+                gaps.add(now - rec.last_sent)
             rec.last_sent = now
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             prev_tail, tail = tail, chunk

@@ -180,7 +180,7 @@ class Child:
         delay = 0.005
         while True:
             if exited.done():
-                # Only now: waitid on the group would steal the leader's status from asyncio.
+                # Only now: waitid on the group would steal the leader's status from its reaper.
                 self._os.reap_group(pgid)
                 if not self._os.group_exists(pgid):
                     return True

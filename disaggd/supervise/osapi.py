@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -165,8 +166,8 @@ def group_exists(pgid: int) -> bool:
 def reap_group(pgid: int) -> None:
     """Reap exited members of `pgid` that are our children (reparented orphans).
 
-    Only called once the group leader has been reaped by asyncio: ``waitid`` on
-    the group would otherwise steal the leader's exit status.
+    Only called once the group leader has been reaped (`ChildProcess.exited`):
+    ``waitid`` on the group would otherwise steal the leader's exit status.
     """
     while True:
         try:
@@ -208,47 +209,87 @@ def empty_dir(path: Path) -> None:
                 os.unlink(entry.path)
 
 
-class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """Resolves `exited` the moment the child is reaped.
+def _same(protocol: asyncio.StreamReaderProtocol) -> asyncio.StreamReaderProtocol:
+    return protocol
 
-    `asyncio.subprocess.Process.wait()` also waits for the pipes to close
-    (cpython gh-119710), and an orphaned EngineCore keeps them open: that would
-    hide the crash of the API server for as long as its orphan lives.
-    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, exited: asyncio.Future[int]) -> None:
-        super().__init__(limit=READ_LIMIT, loop=loop)
-        self.exited = exited
-        self._sub: asyncio.SubprocessTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._sub = transport
-        super().connection_made(transport)
-
-    def process_exited(self) -> None:
-        rc = self._sub.get_returncode() if self._sub is not None else None
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(rc if rc is not None else -1)
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd of `pid` (readable once it exits), or None where the kernel has none (< 5.3)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class _Spawned:
-    """A `ChildProcess` backed by an asyncio subprocess transport."""
+    """A `ChildProcess` started by `subprocess.Popen`, its exit seen through a pidfd.
 
-    def __init__(
-        self,
-        transport: asyncio.SubprocessTransport,
-        protocol: _ChildProtocol,
-    ) -> None:
-        self.pid: int = transport.get_pid()
-        self.exited: asyncio.Future[int] = protocol.exited
-        self.stdout: asyncio.StreamReader | None = protocol.stdout
-        self.stderr: asyncio.StreamReader | None = protocol.stderr
-        self._transport = transport
+    Not asyncio's subprocess transport, for two reasons. Its ``Process.wait()``
+    also waits for the pipes to close (cpython gh-119710), and an orphaned
+    EngineCore keeps them open: that would hide the crash of the API server for
+    as long as its orphan lives. And it needs asyncio's own child watcher, which
+    other event loops (uvloop, chosen for the proxy's sake) replace with theirs.
+    A pidfd becomes readable the moment the process exits, on any loop
+    (``add_reader``), and names that process only (no pid reuse); `exited`
+    resolves once we have reaped it here, so `reap_group` never steals it.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self.pid: int = popen.pid
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._popen = popen  # held until reaped: a dropped Popen may be reaped by subprocess
+        self._loop = loop
+        self._pipes: list[asyncio.BaseTransport] = []
+        self._pidfd = _pidfd_open(popen.pid)
+        self._poll: asyncio.TimerHandle | None = None
+        if self._pidfd is not None:
+            loop.add_reader(self._pidfd, self._reap)
+        else:  # pragma: no cover - kernels before 5.3
+            self._reap()
+
+    async def connect(self) -> None:
+        """Read the child's stdout and stderr through the loop."""
+        for name in ("stdout", "stderr"):
+            pipe = getattr(self._popen, name)
+            if pipe is None:
+                continue
+            reader = asyncio.StreamReader(limit=READ_LIMIT, loop=self._loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+            transport, _ = await self._loop.connect_read_pipe(
+                functools.partial(_same, protocol), pipe
+            )
+            self._pipes.append(transport)
+            setattr(self, name, reader)
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: its status is lost
+            pid, status = self.pid, -1
+        if pid == 0:  # still running: only the pidless fallback gets here
+            self._poll = self._loop.call_later(0.05, self._reap)
+            return
+        rc = os.waitstatus_to_exitcode(status) if status != -1 else -1
+        self._popen.returncode = rc
+        self._close_pidfd()
+        if not self.exited.done():
+            self.exited.set_result(rc)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._poll is not None:
+            self._poll.cancel()
 
     def close(self) -> None:
-        self._transport.close()
+        for transport in self._pipes:
+            transport.close()
+        if self.exited.done():
+            self._close_pidfd()
 
 
 class LinuxOs:
@@ -259,22 +300,23 @@ class LinuxOs:
 
     async def spawn(self, spec: InstanceSpec) -> ChildProcess:
         loop = asyncio.get_running_loop()
-        exited: asyncio.Future[int] = loop.create_future()
         parent = os.getpid()
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _ChildProtocol(loop, exited),
-            *spec.argv,
+        # fork+exec in the loop, as asyncio's own subprocess_exec does: no thread to wait on.
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            spec.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, **spec.env},
             cwd=str(spec.workdir),
             start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent),
+            # prctl and getppid only: takes no lock a thread could hold across the fork.
+            preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509
         )
-        child = _Spawned(transport, protocol)
+        child = _Spawned(popen, loop)
         # start_new_session: the child leads its own session and group.
         self._guardian.register(child.pid)
+        await child.connect()
         return child
 
     def signal_group(self, pgid: int, sig: int) -> bool:
