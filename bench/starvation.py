@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import daemon_pid, loadgen_argv, metric, run_loadgen, scrape, start_daemon, status
+from bench.common import daemon_pid, loadgen_argv, run_loadgen, scrape, start_daemon, status
 from bench.overhead import OVERHEAD_ENV, topology_doc
 from tests.harness.daemon import DaemonProcess
 
@@ -42,6 +42,18 @@ PROBES = {"probe_interval": 1.0, "probe_timeout": 1.0, "probe_failures": 3}
 PERIOD = 0.25
 #: Largest loop lag that still counts as "not starved": well under one probe deadline.
 LAG_LIMIT_S = 0.1
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples `name` (with or without labels) whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if (line.startswith(name + "{") or line.startswith(name + " "))
+        and all(w in line for w in want)
+    ]
+    return sum(values) if values else None
 
 
 class Watcher:
