@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from prometheus_client import Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from disaggd.observe.metrics import Metrics
 from disaggd.proxy.errors import HTTPError, unavailable
@@ -35,6 +36,27 @@ from disaggd.topology import Role
 def busy(message: str) -> HTTPError:
     """429 with ``Retry-After``: every instance is at its limit; try again soon."""
     return HTTPError(429, message, "rate_limit_error", retry_after=True)
+
+
+class _Breakers:
+    """``disaggd_breaker_state{instance,state}``: 1 for each instance's breaker state,
+    read from the router at scrape time."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        fam = GaugeMetricFamily(
+            "disaggd_breaker_state",
+            "1 for the state (closed, open, half_open) of each instance's breaker.",
+            labels=["instance", "state"],
+        )
+        for up in self._router.upstreams():
+            fam.add_metric([up.name, up.breaker.state.value], 1.0)
+        yield fam
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class Admission:
@@ -55,6 +77,7 @@ class Admission:
             ["role"],
             registry=metrics.registry,
         )
+        metrics.registry.register(_Breakers(router))
         for role in Role:
             depth.labels(role.value).set_function(functools.partial(router.queued, role))
 

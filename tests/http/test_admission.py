@@ -99,6 +99,8 @@ async def test_failing_prefill_leaves_rotation(cluster: Cluster) -> None:
             status, _, _, _ = await _post(s, px.base)
             assert status == 200
         assert px.router.breaker_state("prefill-0") == "open"
+        assert px.metric("disaggd_breaker_state", instance="prefill-0", state="open") == 1
+        assert px.metric("disaggd_breaker_state", instance="prefill-1", state="closed") == 1
     assert len(await cluster.records("prefill-0")) == 3
 
 
