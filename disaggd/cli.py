@@ -1,4 +1,8 @@
-"""The `disaggd` command line: run | check | reload | status | restart | stop.
+"""The `disaggd` command line.
+
+Daemon: run | check | reload | status | shutdown. Instances (supervisorctl's
+verbs): start | stop | restart | drain | undrain NAME..., logs NAME [-n N] [-f].
+`disaggd stop` without a name stops the daemon, as it always did (with a note).
 
 Heavy modules (the daemon, Quart, aiohttp, pydantic models) are imported inside
 the subcommand that needs them, so `disaggd --help` stays fast.
@@ -83,18 +87,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="re-read the topology and apply what changed")
     with_socket(p)
 
-    p = sub.add_parser("status", help="show every instance's state")
+    p = sub.add_parser("status", help="show every instance's state (or the named ones)")
     with_socket(p)
+    p.add_argument("names", nargs="*", metavar="NAME", help="instance names (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("restart", help="restart one instance (also clears FATAL)")
     with_socket(p)
     p.add_argument("name", help="instance name")
 
-    p = sub.add_parser("stop", help="drain and stop the daemon")
+    for verb, text in _INSTANCE_VERBS.items():
+        p = sub.add_parser(verb, help=text)
+        with_socket(p)
+        p.add_argument("names", nargs="+" if verb != "stop" else "*", metavar="NAME")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("logs", help="an instance's recent output; -f follows it")
+    with_socket(p)
+    p.add_argument("name", help="instance name")
+    p.add_argument("-n", "--lines", type=int, default=10, help="recent lines (default 10)")
+    p.add_argument("-f", "--follow", action="store_true", help="print new lines until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("shutdown", help="drain and stop the daemon and every instance")
     with_socket(p)
 
     return parser
+
+
+_INSTANCE_VERBS = {
+    "start": "start stopped (or FATAL) instances and wait until they are ready",
+    "stop": "drain, then stop instances (they stay STOPPED); with no NAME: the daemon",
+    "drain": "take instances out of rotation and let their requests finish (routing only)",
+    "undrain": "put drained instances back into rotation",
+}
+
+#: What `disaggd stop` without a name says on stderr (scripts read stdout and the status).
+STOP_NOTE = (
+    "disaggd: note: `disaggd stop` without a name stops the daemon; "
+    "`disaggd shutdown` says so, `disaggd stop NAME` stops one instance"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reload": _cmd_control,
         "status": _cmd_control,
         "restart": _cmd_control,
+        "start": _cmd_control,
         "stop": _cmd_control,
+        "drain": _cmd_control,
+        "undrain": _cmd_control,
+        "shutdown": _cmd_control,
+        "logs": _cmd_logs,
     }[args.command]
     try:
         return handler(args)
@@ -185,38 +222,105 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+#: Commands that may wait for a model to load, or for requests to drain (seconds).
+_LONG = ("reload", "restart", "start", "stop", "drain", "undrain")
+
+
+def _payload(args: argparse.Namespace) -> dict[str, Any]:
+    payload: dict[str, Any] = {"command": args.command}
+    if args.command == "restart":
+        payload["name"] = args.name
+    names = getattr(args, "names", None)
+    if names:
+        payload["names"] = list(names)
+    elif args.command == "stop":
+        print(STOP_NOTE, file=sys.stderr)
+    return payload
+
+
+def _unavailable(args: argparse.Namespace, exc: Exception) -> int:
+    print(f"disaggd: {exc}", file=sys.stderr)
+    if args.socket is None:
+        unreadable = _unreadable(args.config or _default_config())
+        if unreadable:
+            # The socket path comes from the file: say why the default was tried.
+            print(
+                f"disaggd: {unreadable}; the default socket was tried instead "
+                "(fix the file, or give --socket PATH)",
+                file=sys.stderr,
+            )
+    return EX_UNAVAILABLE
+
+
 def _cmd_control(args: argparse.Namespace) -> int:
     from disaggd.daemon.control import ControlUnavailable, request, resolve_socket
 
     socket_path = resolve_socket(args.socket, args.config or _default_config())
-    payload: dict[str, Any] = {"command": args.command}
-    if args.command == "restart":
-        payload["name"] = args.name
+    payload = _payload(args)
     timeout = args.timeout
     if timeout is None:
-        # A reload or restart waits for instances to load a model.
-        timeout = 3600.0 if args.command in ("reload", "restart") else 30.0
+        # A reload, start or stop waits for instances to load a model or to drain.
+        timeout = 3600.0 if args.command in _LONG else 30.0
     try:
         reply = request(socket_path, payload, timeout=timeout)
     except ControlUnavailable as exc:
-        print(f"disaggd: {exc}", file=sys.stderr)
-        if args.socket is None:
-            unreadable = _unreadable(args.config or _default_config())
-            if unreadable:
-                # The socket path comes from the file: say why the default was tried.
-                print(
-                    f"disaggd: {unreadable}; the default socket was tried instead "
-                    "(fix the file, or give --socket PATH)",
-                    file=sys.stderr,
-                )
-        return EX_UNAVAILABLE
+        return _unavailable(args, exc)
     from disaggd.daemon.status import render_reply
 
-    text, status = render_reply(args.command, reply, as_json=getattr(args, "json", False))
+    as_json = getattr(args, "json", False)
+    if "results" in reply and not as_json:
+        # One line per instance: what was done on stdout, what failed on stderr.
+        for result in reply["results"]:
+            line = f"{result.get('name')}: {result.get('message')}"
+            print(line, file=sys.stdout if result.get("ok") else sys.stderr)
+        return EX_OK if reply.get("ok") else EX_FAILURE
+    text, status = render_reply(args.command, reply, as_json=as_json)
     stream = sys.stdout if status == EX_OK else sys.stderr
     if text:
         print(text, file=stream)
     return status
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    """`disaggd logs NAME [-n N] [-f]`: print lines as ``TIME STREAM LINE``.
+
+    Exit status 0; 1 for an unknown instance or when the stream ends unasked.
+    """
+    from disaggd.daemon.control import ControlUnavailable, resolve_socket, stream
+    from disaggd.daemon.status import render_line
+
+    socket_path = resolve_socket(args.socket, args.config or _default_config())
+    payload = {"command": "logs", "name": args.name, "lines": args.lines, "follow": args.follow}
+    replies = stream(socket_path, payload, timeout=args.timeout or 30.0)
+    try:
+        first = next(replies)
+    except ControlUnavailable as exc:
+        return _unavailable(args, exc)
+    if not first.get("ok"):
+        print(f"disaggd logs: {first.get('error', 'failed')}", file=sys.stderr)
+        return EX_FAILURE
+    for line in first.get("lines", []):
+        print(json.dumps(line) if args.json else render_line(line), flush=True)
+    if not args.follow:
+        return EX_OK
+    try:
+        for obj in replies:
+            if args.json:
+                print(json.dumps(obj), flush=True)
+            elif "line" in obj:
+                print(render_line(obj), flush=True)
+            elif "dropped" in obj:
+                print(
+                    f"disaggd logs: {obj['dropped']} line(s) dropped: this reader fell behind",
+                    file=sys.stderr,
+                )
+            if "end" in obj:
+                print(f"disaggd logs: {obj['end']}", file=sys.stderr)
+                return EX_OK
+    finally:
+        replies.close()
+    print("disaggd logs: the daemon closed the connection", file=sys.stderr)
+    return EX_FAILURE
 
 
 def _unreadable(config_path: Path) -> str | None:

@@ -3,8 +3,13 @@
 Protocol: the client connects, writes one JSON object and a newline, and reads
 one JSON object and a newline back, then the connection closes.
 
-Requests: ``{"command": "status"}``, ``{"command": "reload"}``,
-``{"command": "restart", "name": NAME}``, ``{"command": "stop"}``.
+A streaming reply (``logs`` with ``follow``) is the same first line followed by
+more JSON lines, one object each, until the client closes the connection or
+the stream ends (its last object then carries ``"end": REASON``). The daemon
+never waits for a slow client while producing them: what the client has not
+read waits in a bounded buffer on the producer's side (`disaggd.supervise.output`).
+
+Requests: ``{"command": VERB, ...}``, the verbs of `disaggd.daemon.dispatch`.
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 
 The socket is created with mode 0600 (owner only), and a peer whose uid is
@@ -21,7 +26,8 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,21 @@ from disaggd.observe.logs import get_logger
 
 log = get_logger("disaggd.control")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Streamed:
+    """A streaming reply: `first`, then every object `rest` yields, one line each.
+
+    `rest` is closed (``aclose``) when the client goes away or the server
+    closes, so that it can unregister whatever it follows.
+    """
+
+    first: dict[str, Any]
+    rest: AsyncIterator[dict[str, Any]]
+
+
+Handler = Callable[[dict[str, Any]], Awaitable["dict[str, Any] | Streamed"]]
 
 #: A request line larger than this is refused (bytes).
 MAX_REQUEST = 64 * 1024
@@ -51,6 +71,8 @@ class ControlServer:
         self._handler = handler
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
+        # Set by `close`: open streams end with {"end": ...} instead of holding it up.
+        self._closing = asyncio.Event()
 
     async def start(self) -> None:
         """Create the socket (mode 0600) and start accepting.
@@ -76,7 +98,8 @@ class ControlServer:
         log.info("control_socket_listening", path=str(self.path))
 
     async def close(self) -> None:
-        """Stop accepting, wait for open connections, and remove the socket file."""
+        """Stop accepting, end open streams, wait for connections, remove the socket file."""
+        self._closing.set()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -108,13 +131,50 @@ class ControlServer:
             except Exception as exc:  # one bad command must not kill the daemon
                 log.exception("control_command_failed", command=request.get("command"))
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            await _reply(writer, reply)
+            if isinstance(reply, Streamed):
+                await self._stream(reader, writer, reply)
+            else:
+                await _reply(writer, reply)
         except (ConnectionError, OSError):
             pass  # the client went away; nothing to tell it
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+    async def _stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: Streamed
+    ) -> None:
+        """Write `reply` line by line until it ends, the client closes, or `close` is called."""
+        # The client sends nothing after its request: EOF (or an error) means it is gone.
+        gone = asyncio.ensure_future(reader.read(1))
+        closing = asyncio.ensure_future(self._closing.wait())
+        rest = reply.rest
+        try:
+            await _reply(writer, reply.first)
+            while True:
+                item = asyncio.ensure_future(anext(rest))
+                await asyncio.wait({item, gone, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    with contextlib.suppress(BaseException):
+                        await item
+                    if closing.done() and not gone.done():
+                        await _reply(writer, {"end": "the daemon is stopping"})
+                    return
+                try:
+                    obj = item.result()
+                except StopAsyncIteration:
+                    return
+                await _reply(writer, obj)
+        finally:
+            for task in (gone, closing):
+                task.cancel()
+            aclose = getattr(rest, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
 
 async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
@@ -186,6 +246,45 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
         sock.close()
     if not raw:
         raise ControlUnavailable(f"the daemon on {path} closed the connection without a reply")
+    reply = json.loads(raw)
+    if not isinstance(reply, dict):
+        raise ControlUnavailable(f"unexpected reply from {path}: {raw[:200]!r}")
+    return reply
+
+
+def stream(
+    path: Path, payload: dict[str, Any], timeout: float = 30.0
+) -> Generator[dict[str, Any], None, None]:
+    """Send one request; yield the reply's first object, then every later one (blocking).
+
+    The first object must come within `timeout` seconds; later ones may take
+    any time (a follower waits for the child to print). Ends when the daemon
+    closes the connection; closing the generator closes the connection.
+
+    Raises:
+        ControlUnavailable: as `request`, for the first object.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        _connect(sock, path)
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        reader = sock.makefile("rb")
+        try:
+            first = reader.readline()
+        except TimeoutError:
+            raise ControlUnavailable(f"no reply from {path} within {timeout:g} s") from None
+        if not first:
+            raise ControlUnavailable(f"the daemon on {path} closed the connection without a reply")
+        yield _object(first, path)
+        sock.settimeout(None)
+        for line in reader:
+            yield _object(line, path)
+    finally:
+        sock.close()
+
+
+def _object(raw: bytes, path: Path) -> dict[str, Any]:
     reply = json.loads(raw)
     if not isinstance(reply, dict):
         raise ControlUnavailable(f"unexpected reply from {path}: {raw[:200]!r}")

@@ -23,7 +23,7 @@ from typing import Any
 
 from disaggd._compat import ExceptionGroup, TaskGroup
 from disaggd.daemon import signals
-from disaggd.daemon.control import ControlServer, ControlSocketInUse
+from disaggd.daemon.control import ControlServer, ControlSocketInUse, Streamed
 from disaggd.daemon.dispatch import dispatch
 from disaggd.daemon.readiness import Readiness
 from disaggd.daemon.rollout import Outcome, Rollout
@@ -104,6 +104,16 @@ class Daemon:
         # What the daemon started with: a reload cannot move the proxy's address nor
         # change logging (plan.diff says so).
         self._started_topo = topo
+
+    @property
+    def change_lock(self) -> asyncio.Lock:
+        """Held by a reload and by `start`/`stop`/`restart NAME`: one change at a time."""
+        return self._reload_lock
+
+    @property
+    def stopping(self) -> bool:
+        """True once the daemon shuts down."""
+        return self._stopping
 
     @property
     def _proxy_url(self) -> str:
@@ -328,7 +338,7 @@ class Daemon:
 
     # -- control commands ------------------------------------------------------------------
 
-    async def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _handle_control(self, req: dict[str, Any]) -> dict[str, Any] | Streamed:
         return await dispatch(self, req)
 
     def status_reply(self) -> dict[str, Any]:

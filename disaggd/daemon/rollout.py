@@ -59,16 +59,44 @@ class Rollout:
         self.supervisor = supervisor
         self.router = router
         self.running = running
+        #: Drained by hand (`disaggd drain NAME`): out of rotation until `undrain`.
+        self.hand_drained: set[str] = set()
+        # Drained by a restart, stop or reload in progress: back in rotation at `release`.
+        self._taken: set[str] = set()
 
-    async def drain(self, name: str, timeout: float) -> None:
-        """Route nothing new to `name` and wait (at most `timeout` s) for its requests."""
-        self.router.set_draining(name, True)
-        try:
-            idle = await self.router.wait_idle(name, timeout)
-        except KeyError:
-            idle = True
+    def _route(self, name: str) -> None:
+        """Tell the router whether `name` is out of rotation, for any of the two reasons."""
+        self.router.set_draining(name, name in self.hand_drained or name in self._taken)
+
+    def set_hand_drained(self, name: str, drained: bool) -> None:
+        """`disaggd drain NAME` / `undrain NAME`: routing only, the process is untouched.
+
+        An undrain while a restart or stop has the instance out of rotation takes
+        effect when that is done (`release`), never earlier.
+        """
+        if drained:
+            self.hand_drained.add(name)
+        else:
+            self.hand_drained.discard(name)
+        self._route(name)
+
+    async def drain(self, name: str, timeout: float) -> bool:
+        """Route nothing new to `name` and wait (at most `timeout` s) for its requests.
+
+        Returns:
+            True when nothing is in flight on it any more.
+        """
+        self._taken.add(name)
+        self._route(name)
+        idle = await self.router.wait_idle(name, timeout)
         if not idle:
             log.warning("drain_timeout", instance=name, timeout=timeout)
+        return idle
+
+    def release(self, name: str) -> None:
+        """The end of a `drain` by a restart or stop: routed again unless drained by hand."""
+        self._taken.discard(name)
+        self._route(name)
 
     async def apply(self, plan: ReloadPlan, new: Topology, outcome: Outcome) -> None:
         """Carry out `plan` towards `new`, adding to `outcome` what went wrong.
@@ -77,6 +105,7 @@ class Rollout:
         """
         # Removed instances stop taking requests before the router forgets them.
         for name in plan.removed:
+            self.hand_drained.discard(name)
             self.router.set_draining(name, True)
         # A restarted instance keeps its current upstream (still routable, drainable)
         # until its turn in the rolling restart, even when its address changes.
@@ -86,6 +115,7 @@ class Rollout:
         for name in plan.removed:
             await self.drain(name, drain)
             await self.supervisor.remove(name)
+            self._taken.discard(name)
             del self.running[name]
         await self._rolling_restart(new, plan, drain, outcome)
         for name in plan.added:
@@ -108,7 +138,7 @@ class Rollout:
             await self.drain(name, drain)
             self.router.commit(name)  # its new address, if it changed (not ready yet)
             ok = await self.supervisor.restart(name, inst, new, wait=True)
-            self.router.set_draining(name, False)
+            self.release(name)
             self.running[name] = build_spec(new, inst)
             if not ok:
                 left = plan.restarted[idx + 1 :]
@@ -128,7 +158,7 @@ class Rollout:
         try:
             ok = await self.supervisor.restart(name, wait=True)
         finally:
-            self.router.set_draining(name, False)
+            self.release(name)
         status = self.supervisor.status(name)
         if not ok:
             return {
@@ -136,4 +166,24 @@ class Rollout:
                 "error": f"{name} did not become ready: {status.last_exit or status.state.value}",
             }
         return {"ok": True, "message": f"{name} restarted (pid {status.pid})"}
+
+    async def stop(self, name: str, drain: float) -> tuple[bool, bool]:
+        """`disaggd stop NAME`: drain (at most `drain` s), then stop it; it stays STOPPED.
+
+        Returns:
+            (drained: nothing was in flight when it was stopped, gone: its process
+            group is gone).
+        """
+        log.info("stop_requested", instance=name)
+        try:
+            idle = await self.drain(name, drain)
+            gone = await self.supervisor.stop(name)
+        finally:
+            self.release(name)
+        return idle, gone
+
+    async def start(self, name: str) -> bool:
+        """`disaggd start NAME`: start it and wait until it is ready (``start_timeout``)."""
+        log.info("start_requested", instance=name)
+        return await self.supervisor.start(name, wait=True)
 

@@ -8,14 +8,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from disaggd.export.llmd import role_labels
+from disaggd.proxy.kvcheck import VERDICTS as KV_VERDICTS
 from disaggd.supervise.events import InstanceStatus
 from disaggd.supervise.states import ProcessState
 
 #: Output lines of each instance carried in a status reply.
 STATUS_OUTPUT_LINES = 10
+
 
 
 def status_line(statuses: Iterable[InstanceStatus]) -> str:
@@ -30,6 +34,8 @@ def status_line(statuses: Iterable[InstanceStatus]) -> str:
             words.append(f"{s.name} restarting")
         elif s.state is ProcessState.FATAL:
             words.append(f"{s.name} FATAL")
+        elif s.held:
+            words.append(f"{s.name} stopped by hand")
     head = ", ".join(words)
     tail = f"{ready}/{len(statuses)} ready"
     return f"{head}, {tail}" if head else f"serving, {tail}"
@@ -38,7 +44,10 @@ def status_line(statuses: Iterable[InstanceStatus]) -> str:
 def status_rows(
     statuses: Iterable[InstanceStatus], inflight: Mapping[str, int]
 ) -> list[dict[str, Any]]:
-    """One JSON-ready row per instance; `inflight` is requests in flight by instance name."""
+    """One JSON-ready row per instance; `inflight` is requests in flight by instance name.
+
+    ``labels`` are the instance's llm-d labels (``{"llm-d.ai/role": "prefill"}``).
+    """
     return [
         {
             "name": s.name,
@@ -55,9 +64,28 @@ def status_rows(
             "inflight": inflight.get(s.name, 0),
             "last_exit": s.last_exit,
             "last_output": list(s.last_output[-STATUS_OUTPUT_LINES:]),
+            "held": s.held,
+            "labels": role_labels(s.role),
         }
         for s in statuses
     ]
+
+
+def annotate_rows(
+    rows: list[dict[str, Any]],
+    hand_drained: Collection[str],
+    kv: Mapping[str, Mapping[str, int]],
+) -> None:
+    """Add to each status row ``drained`` (by hand) and, for a decode, ``kv``.
+
+    ``kv`` is the proxy's KV check verdicts of the requests that decode served:
+    ``{"moved": n, "recomputed": n, "short_prompt": n, "unknown": n}``.
+    """
+    for row in rows:
+        row["drained"] = row["name"] in hand_drained
+        if row["role"] == "decode":
+            counts = kv.get(row["name"], {})
+            row["kv"] = {v: counts.get(v, 0) for v in KV_VERDICTS}
 
 
 def render_reply(
@@ -68,6 +96,8 @@ def render_reply(
     status = 0 if ok else 1
     if as_json:
         return json.dumps(reply, indent=2, default=str), status
+    if "results" in reply:
+        return render_results(reply["results"]), status
     if not ok:
         return f"disaggd {command}: {reply.get('error', 'failed')}", status
     if command == "status":
@@ -75,6 +105,19 @@ def render_reply(
     if command == "reload":
         return render_plan(reply), status
     return str(reply.get("message", "ok")), status
+
+
+def render_line(line: Mapping[str, Any]) -> str:
+    """One line of `disaggd logs`: ``2025-06-01 12:00:01.234 stdout  TEXT`` (local time)."""
+    when = float(line.get("time", 0.0))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    millis = int(when * 1000) % 1000
+    return f"{stamp}.{millis:03d} {line.get('stream', '')!s:<6}  {line.get('line', '')}"
+
+
+def render_results(results: list[dict[str, Any]]) -> str:
+    """One line per instance of a per-instance verb: ``decode-1: stopped (...)``."""
+    return "\n".join(f"{r.get('name')}: {r.get('message')}" for r in results)
 
 
 def _duration(seconds: float | None) -> str:
@@ -110,8 +153,8 @@ def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None 
             (
                 str(inst.get("name")),
                 str(inst.get("role")),
-                str(inst.get("state")),
-                "yes" if inst.get("ready") else "no",
+                str(inst.get("state")) + (" (by hand)" if inst.get("held") else ""),
+                "drained" if inst.get("drained") else "yes" if inst.get("ready") else "no",
                 str(inst.get("pid") or "-"),
                 str(inst.get("port") or inst.get("url") or "-"),
                 _duration(inst.get("uptime")),
@@ -125,6 +168,7 @@ def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None 
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
         for r in rows
     ]
+    lines += _kv_lines(instances)
     if reply and reply.get("proxy"):
         proxy = reply["proxy"]
         lines.append(
@@ -132,6 +176,20 @@ def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None 
             f"health {'ok' if proxy.get('healthy') else 'NOT READY'}"
         )
     return "\n".join(lines)
+
+
+def _kv_lines(instances: list[dict[str, Any]]) -> list[str]:
+    """``KV check, per decode`` and one line per decode: its verdict counts."""
+    decodes = [i for i in instances if isinstance(i.get("kv"), dict)]
+    if not decodes:
+        return []
+    width = max(len(str(i.get("name"))) for i in decodes)
+    lines = ["\nKV check per decode (did the decode load the prefill's KV?):"]
+    for inst in decodes:
+        kv = inst["kv"]
+        counts = [f"{v} {kv.get(v, 0)}" for v in KV_VERDICTS if v != "unknown" or kv.get(v)]
+        lines.append(f"  {str(inst.get('name')).ljust(width)}  {', '.join(counts)}")
+    return lines
 
 
 def render_plan(reply: dict[str, Any]) -> str:

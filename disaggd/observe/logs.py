@@ -4,9 +4,15 @@ Every module logs through ``structlog.get_logger(...)`` with bound context
 (``instance=``, ``role=``, ``pid=``, ``request_id=``) and snake_case events
 (``child_exited``). `configure` picks one renderer:
 
-* ``journal``: stdout is the journal (``JOURNAL_STREAM`` is set). Each line
-  starts with its syslog priority, ``<3>`` error, ``<4>`` warning, ``<6>`` info,
-  ``<7>`` debug (sd-daemon(3) ``SD_ERR`` ...), then ``event key=value ...``;
+* ``journal``: stdout is the journal (``JOURNAL_STREAM`` is set). When stdout
+  really is that journal stream and journald's socket is there, each event is
+  one native-protocol datagram (`JournalLogger`): ``MESSAGE``, ``PRIORITY``,
+  ``SYSLOG_IDENTIFIER=disaggd`` and every bound key as a field of its own, so
+  ``journalctl -u disaggd INSTANCE=decode-0`` shows that child's lines (their
+  ``MESSAGE`` is the child's line itself, with ``STREAM=stdout|stderr``).
+  Otherwise each line starts with its syslog priority, ``<3>`` error, ``<4>``
+  warning, ``<6>`` info, ``<7>`` debug (sd-daemon(3) ``SD_ERR`` ...), then
+  ``event key=value ...``;
 * ``logfmt``: ``ts level event key=value ...``, for files and pipes;
 * ``json``: one JSON object per line;
 * ``console``: structlog's readable console output, for a terminal;
@@ -18,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import struct
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -79,6 +87,91 @@ def _journal_renderer(_logger: Any, _name: str, event_dict: MutableMapping[str, 
     return f"<{PRIORITY.get(level, 6)}>{event}{' ' + body if body else ''}"
 
 
+#: journald's native protocol socket (systemd-journald.service(8)).
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+#: Overrides `JOURNAL_SOCKET` (tests point it at a socket of their own).
+JOURNAL_SOCKET_ENV = "DISAGGD_JOURNAL_SOCKET"
+
+_FIELD_BAD = re.compile(r"[^A-Z0-9_]")
+
+
+def _field_name(key: str) -> str:
+    """A journal field name for `key`: upper case, ``[A-Z0-9_]``, not starting with ``_``
+    (those are journald's trusted fields) nor a digit, at most 64 bytes."""
+    name = _FIELD_BAD.sub("_", key.upper()).lstrip("_")
+    if not name or name[0].isdigit():
+        name = "F_" + name
+    return name[:64]
+
+
+def _journal_field(name: str, value: str) -> bytes:
+    """One field of a native-protocol datagram; a value with a newline goes length-prefixed."""
+    data = value.encode("utf-8", "replace")
+    if b"\n" not in data:
+        return name.encode() + b"=" + data + b"\n"
+    return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+
+
+def _native_journal_renderer(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> dict[str, Any]:
+    """Both forms of one event: the datagram for journald, the line if it cannot be sent."""
+    level = str(event_dict.pop("level", "info"))
+    event_dict.pop("timestamp", None)
+    event = str(event_dict.pop("event", ""))
+    priority = PRIORITY.get(level, 6)
+    body = _kv(event_dict)
+    line = f"{event}{' ' + body if body else ''}"
+    # A child's line reads as itself in `journalctl`; its instance and stream are fields.
+    message = str(event_dict["line"]) if event == "child_output" and "line" in event_dict else line
+    fields = [("MESSAGE", message), ("PRIORITY", str(priority))]
+    fields += [("SYSLOG_IDENTIFIER", "disaggd"), ("DISAGGD_EVENT", event)]
+    fields += [(_field_name(k), str(v)) for k, v in event_dict.items() if k != "line"]
+    datagram = b"".join(_journal_field(k, v) for k, v in fields)
+    return {"datagram": datagram, "line": f"<{priority}>{line}"}
+
+
+class JournalLogger:
+    """A structlog logger that sends each event to journald as one datagram.
+
+    Never blocks: the socket is non-blocking, and an event journald cannot take
+    now (its queue is full, or the event is too big for a datagram) is written
+    to `fallback` as a priority-prefixed line instead, which is the journal too.
+    """
+
+    def __init__(self, path: str, fallback: TextIO) -> None:
+        self._path = path
+        self._fallback = fallback
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+
+    def msg(self, datagram: bytes, line: str) -> None:
+        """Send one event (the keyword arguments of `_native_journal_renderer`)."""
+        try:
+            self._sock.sendto(datagram, self._path)
+        except OSError:
+            print(line, file=self._fallback, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def journal_socket(stream: TextIO) -> str | None:
+    """journald's socket when `stream` is the journal stream systemd gave us, else None.
+
+    ``JOURNAL_STREAM`` is ``DEV:INODE`` of that stream (systemd.exec(5)); a
+    mismatch means stdout was redirected (a test, a pipe), where lines belong.
+    """
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    path = os.environ.get(JOURNAL_SOCKET_ENV) or JOURNAL_SOCKET
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    if expected != f"{st.st_dev}:{st.st_ino}" or not os.path.exists(path):
+        return None
+    return path
+
+
 def _logfmt_renderer(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:
     ts = event_dict.pop("timestamp", "")
     level = event_dict.pop("level", "info")
@@ -114,7 +207,13 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     if concrete != "journal":
         processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     processors.append(structlog.processors.format_exc_info)
-    if concrete == "journal":
+    factory: Any = structlog.PrintLoggerFactory(file=stream)
+    native = journal_socket(stream) if concrete == "journal" else None
+    if native is not None:
+        processors.append(_native_journal_renderer)
+        journal = JournalLogger(native, stream)
+        factory = lambda *_args: journal  # noqa: E731 - one logger for every name
+    elif concrete == "journal":
         processors.append(_journal_renderer)
     elif concrete == "json":
         processors.append(structlog.processors.JSONRenderer())
@@ -125,7 +224,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     return concrete

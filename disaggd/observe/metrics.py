@@ -49,6 +49,27 @@ E2E_BUCKETS = (
 UpstreamSource = Callable[[], Iterable[tuple[str, str, bool, int]]]
 
 
+class VerdictTally:
+    """KV check verdicts per decode instance, for `disaggd status` (not a Prometheus series:
+    a label per instance and verdict would outlive instances that a reload removes)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+
+    def count(self, instance: str | None, verdict: str) -> None:
+        """One more `verdict` for the decode `instance` (None: not counted)."""
+        if instance is None:
+            return
+        per = self._counts.get(instance)
+        if per is None:
+            per = self._counts[instance] = {}
+        per[verdict] = per.get(verdict, 0) + 1
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Instance name → verdict → count (a copy)."""
+        return {name: dict(per) for name, per in self._counts.items()}
+
+
 class _UpstreamCollector(Collector):
     """Per-instance gauges read from the router when scraped: zero cost per request."""
 
@@ -98,6 +119,7 @@ class Metrics:
             ``bad_response``, ``stream_cut`` (`disaggd.proxy.failures.TABLE`).
         retries: ``disaggd_retries_total{role}``, legs sent again to another instance.
         kv_check: ``disaggd_kv_check_total{verdict}``, see `disaggd.proxy.kvcheck.kv_verdict`.
+        kv_by_decode: the same verdicts counted per decode instance (`VerdictTally`).
         inflight: ``disaggd_requests_in_flight``, client requests being served.
         loop_lag / loop_lag_hist: ``disaggd_event_loop_lag_seconds`` (largest lag of
             the last window) and its samples; see `disaggd.observe.looplag`.
@@ -173,6 +195,7 @@ class Metrics:
             "Client requests the proxy is serving now.",
             registry=r,
         )
+        self.kv_by_decode = VerdictTally()
         self._upstreams = _UpstreamCollector()
         r.register(self._upstreams)
 

@@ -178,6 +178,7 @@ class Accounting:
         verdict, prompt_tokens, cached = kv_verdict(usage, block)
         rec.kv = verdict
         self._kv[verdict].inc()
+        self.metrics.kv_by_decode.count(rec.decode, verdict)
         if verdict == "recomputed":
             log.warning(
                 "kv_recomputed",

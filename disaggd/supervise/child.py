@@ -100,11 +100,11 @@ class Child:
         *,
         clock: Callable[[], float],
         log: Any,
-        on_line: Callable[[str], None],
+        on_line: Callable[[str, str], None],
         start_task: TaskStarter,
         kill_wait: float = KILL_WAIT,
     ) -> Child:
-        """Spawn `spec` and start pumping its output into `on_line` and the logs.
+        """Spawn `spec` and pump its output into ``on_line(stream, line)`` and the logs.
 
         Raises:
             OSError, subprocess.SubprocessError: it could not be spawned.
@@ -132,11 +132,11 @@ class Child:
         return self.proc.exited
 
     async def _pump(
-        self, reader: asyncio.StreamReader, stream: str, on_line: Callable[[str], None]
+        self, reader: asyncio.StreamReader, stream: str, on_line: Callable[[str, str], None]
     ) -> None:
         def line_in(raw: bytes) -> None:
             line = raw.decode("utf-8", "replace").rstrip("\r")
-            on_line(line)
+            on_line(stream, line)
             getattr(self._log, child_level(line))("child_output", stream=stream, line=line)
 
         try:

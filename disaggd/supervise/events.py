@@ -34,6 +34,7 @@ class InstanceStatus:
         last_exit: why it last stopped or failed, e.g. ``killed by SIGKILL``,
             ``unhealthy: 3 probes failed (timeout)``, ``port 8100 (HTTP) in use``.
         last_output: the last lines of the child's stdout and stderr.
+        held: stopped by hand (`disaggd stop NAME`); stays STOPPED until started.
     """
 
     name: str
@@ -50,6 +51,7 @@ class InstanceStatus:
     failures: int
     last_exit: str | None
     last_output: tuple[str, ...]
+    held: bool = False
 
 
 @dataclass(frozen=True)

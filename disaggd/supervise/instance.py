@@ -10,12 +10,12 @@ last output), and emits one `InstanceEvent`.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from disaggd.observe.logs import get_logger
 from disaggd.supervise.events import InstanceEvent, InstanceStatus
+from disaggd.supervise.output import OutputRing
 from disaggd.supervise.states import ProcessState, check_transition
 from disaggd.topology.spec import InstanceSpec
 
@@ -51,7 +51,10 @@ class Instance:
         self.restarts = 0
         self.failures = 0
         self.last_exit: str | None = None
-        self.output: deque[str] = deque(maxlen=output_lines)
+        self.output = OutputRing(output_lines)
+        #: Stopped by hand (`disaggd stop NAME`): nothing starts it again but `start`,
+        #: `restart` or a reload that changes its spec.
+        self.held = False
         self.runner: asyncio.Task[None] | None = None
         self.stop_requested: asyncio.Future[None] | None = None
         self.stop_deadline: float | None = None
@@ -75,7 +78,7 @@ class Instance:
 
     def report(self) -> list[str]:
         """The last `REPORT_LINES` lines of output, for crash and FATAL log lines."""
-        return list(self.output)[-REPORT_LINES:]
+        return list(self.output.texts(REPORT_LINES))
 
     def status(self, now: float) -> InstanceStatus:
         """A snapshot at monotonic time `now`."""
@@ -97,7 +100,8 @@ class Instance:
             restarts=self.restarts,
             failures=self.failures,
             last_exit=self.last_exit,
-            last_output=tuple(self.output),
+            last_output=self.output.texts(),
+            held=self.held,
         )
 
     def change(

@@ -232,7 +232,7 @@ class SpawnedLife(Life):
                 self._os,
                 clock=self._clock,
                 log=rec.log,
-                on_line=rec.output.append,
+                on_line=rec.output.append,  # (stream, text)
                 start_task=self._start_task,
                 kill_wait=self._kill_wait,
             )

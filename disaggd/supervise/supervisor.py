@@ -39,6 +39,7 @@ from disaggd.supervise.events import EventListener, InstanceEvent, InstanceStatu
 from disaggd.supervise.instance import Instance
 from disaggd.supervise.life import PORT_WAIT, Probe, new_life
 from disaggd.supervise.osapi import LinuxOs, OsApi, port_in_use
+from disaggd.supervise.output import OutputRing
 from disaggd.supervise.states import ProcessState
 from disaggd.topology import InstanceSection, Topology
 from disaggd.topology.spec import InstanceSpec, build_spec
@@ -259,8 +260,60 @@ class Supervisor:
             await self._stop(rec, self._clock() + self._topo.supervisor.stop_grace)
             if self._instances.get(name) is rec:
                 del self._instances[name]
+        rec.output.end("instance removed")
         rec.log.info("instance_removed")
         self._changes.notify()
+
+    def output(self, name: str) -> OutputRing:
+        """The recent output of instance `name` and its followers.
+
+        Raises:
+            KeyError: no such instance.
+        """
+        return self._instances[name].output
+
+    async def stop(self, name: str) -> bool:
+        """Stop instance `name` by hand: SIGTERM, ``stop_grace``, SIGKILL.
+
+        It stays STOPPED (``held``) until `start`, `restart`, or a reload that
+        changes its spec; a FATAL instance stays FATAL, held. Callers drain it first.
+
+        Returns:
+            True when its process group is gone.
+
+        Raises:
+            KeyError: no such instance.
+        """
+        rec = self._instances[name]
+        async with rec.lock:
+            rec.held = True
+            return await self._stop(rec, self._clock() + self._topo.supervisor.stop_grace)
+
+    async def start(self, name: str, *, wait: bool = True) -> bool:
+        """Start instance `name` when nothing runs for it (STOPPED or FATAL).
+
+        Clears ``held``, FATAL and the failure count; an instance whose life
+        runs (STARTING, RUNNING, BACKOFF, ...) is left alone.
+
+        Returns:
+            With `wait`, whether it is ready within ``start_timeout``; without,
+            True once launched (or already running).
+
+        Raises:
+            KeyError: no such instance.
+            RuntimeError: the supervisor is shut down.
+        """
+        self._check_open()
+        rec = self._instances[name]
+        async with rec.lock:
+            self._check_open()
+            rec.held = False
+            if rec.idle():
+                rec.failures = 0
+                self._launch(rec, "start requested")
+        if not wait:
+            return True
+        return await self.wait_ready([name], timeout=self._topo.supervisor.start_timeout)
 
     async def restart(
         self,
@@ -295,6 +348,7 @@ class Supervisor:
                 rec.spec = build_spec(topo or self._topo, inst)
             rec.failures = 0
             rec.restarts += 1
+            rec.held = False
             self._launch(rec, "restart requested")
         if not wait:
             return True
@@ -322,6 +376,8 @@ class Supervisor:
                     return await self._stop(rec, deadline)
 
             results = await asyncio.gather(*(stop_one(r) for r in recs))
+            for rec in recs:
+                rec.output.end("the daemon is stopping")
             await self._os.close()
             self._shutdown_result = all(results)
             log.info("supervisor_stopped", clean=self._shutdown_result, instances=len(recs))
