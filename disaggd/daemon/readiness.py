@@ -69,8 +69,8 @@ class Readiness:
         return status_line(self._statuses())
 
     def topology_ready(self) -> bool:
-        """Every live (not FATAL) instance ready, and each role served by at least one."""
-        live = [s for s in self._statuses() if s.state is not ProcessState.FATAL]
+        """Every live (not FATAL, not stopped by hand) instance ready, and each role served."""
+        live = [s for s in self._statuses() if s.state is not ProcessState.FATAL and not s.held]
         if not all(s.ready for s in live):
             return False
         return all(self._router.ready_count(role) > 0 for role in Role)
