@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shutdown", help="drain and stop the daemon and every instance")
     with_socket(p)
 
+    p = sub.add_parser("export", help="render the topology for llm-d or Kubernetes")
+    _add_export(p, with_config)
+
     return parser
+
+
+def _add_export(
+    p: argparse.ArgumentParser, with_config: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """`disaggd export llm-d|k8s -c FILE [-o OUT]` (k8s: ``--namespace``, ``--image``)."""
+    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
+    for target, text in (
+        ("llm-d", "llm-d's endpoints file (its endpoint picker's file discovery)"),
+        ("k8s", "Kubernetes manifests: a Deployment and a Service per instance"),
+    ):
+        t = targets.add_parser(target, help=text)
+        with_config(t)
+        t.add_argument("-o", "--output", type=Path, default=None, help="file (default: stdout)")
+        if target == "k8s":
+            t.add_argument("--namespace", default=None, help="metadata.namespace")
+            t.add_argument("--image", default=None, help="container image (vLLM's by default)")
 
 
 _INSTANCE_VERBS = {
@@ -148,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "undrain": _cmd_control,
         "shutdown": _cmd_control,
         "logs": _cmd_logs,
+        "export": _cmd_export,
     }[args.command]
     try:
         return handler(args)
@@ -205,6 +226,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print("# remote instance: routed to and health-checked, not spawned")
             continue
         print(row["shell"])
+    return EX_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """`disaggd export llm-d|k8s -c FILE [-o OUT]`: 0, or 78 when it cannot be rendered."""
+    from disaggd.export import ExportError, k8s, llmd
+    from disaggd.export.atomic import write_atomic
+
+    topo = _load(args.config)
+    if isinstance(topo, int):
+        return topo
+    source = str(args.config or _default_config())
+    try:
+        if args.target == "k8s":
+            image = args.image or k8s.DEFAULT_IMAGE
+            text = k8s.render(topo, namespace=args.namespace, image=image, source=source)
+        else:
+            text = llmd.render(topo, source=source)
+    except ExportError as exc:
+        print(f"disaggd: cannot export to {args.target}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem.render(source)}", file=sys.stderr)
+        return EX_CONFIG
+    if args.output is None:
+        sys.stdout.write(text)
+        return EX_OK
+    try:
+        write_atomic(args.output, text)
+    except OSError as exc:
+        print(f"disaggd: cannot write {args.output}: {exc}", file=sys.stderr)
+        return EX_FAILURE
     return EX_OK
 
 

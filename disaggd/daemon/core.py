@@ -25,6 +25,7 @@ from disaggd._compat import ExceptionGroup, TaskGroup
 from disaggd.daemon import signals
 from disaggd.daemon.control import ControlServer, ControlSocketInUse, Streamed
 from disaggd.daemon.dispatch import dispatch
+from disaggd.daemon.endpoints import EndpointsFile
 from disaggd.daemon.readiness import Readiness
 from disaggd.daemon.rollout import Outcome, Rollout
 from disaggd.daemon.status import status_rows
@@ -95,6 +96,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.rollout: Rollout | None = None
         self.readiness: Readiness | None = None
+        self.endpoints: EndpointsFile | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._proxy_stop = asyncio.Event()
@@ -173,7 +175,11 @@ class Daemon:
     async def _run_supervised(self, listener: socket.socket) -> int:
         self._clean_storage()
         supervisor = Supervisor(self.topo, on_event=self._on_event)
-        self.readiness = Readiness(self.router, self.metrics, self.notifier, supervisor.statuses)
+        # The supervisor's topology: a reload's new one from the start of its rollout.
+        self.endpoints = EndpointsFile(lambda: supervisor.topology, supervisor.statuses)
+        self.readiness = Readiness(
+            self.router, self.metrics, self.notifier, supervisor.statuses, self.endpoints
+        )
         async with supervisor:
             self.supervisor = supervisor
             self.rollout = Rollout(supervisor, self.router, build_specs(self.topo))
@@ -320,6 +326,8 @@ class Daemon:
         self.proxy.update_settings(new)
         await self.rollout.apply(plan, new, outcome)
         self.topo = new
+        if self.endpoints is not None:
+            self.endpoints.refresh()  # a changed [daemon].endpoints_file applies now
         log.info(
             "reload_applied",
             trigger=trigger,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from disaggd.daemon.endpoints import EndpointsFile
 from disaggd.daemon.status import status_line
 from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
@@ -30,6 +31,8 @@ class Readiness:
         metrics: gets every state change (`Metrics.observe_instance`).
         notifier: systemd's notify socket (STATUS=, READY=1).
         statuses: the supervisor's current snapshot of every instance, for STATUS=.
+        endpoints: llm-d's endpoints file (``[daemon].endpoints_file``), refreshed on
+            every event, shutdown included.
     """
 
     def __init__(
@@ -38,11 +41,13 @@ class Readiness:
         metrics: Metrics,
         notifier: Notifier,
         statuses: Callable[[], list[InstanceStatus]],
+        endpoints: EndpointsFile | None = None,
     ) -> None:
         self._router = router
         self._metrics = metrics
         self._notifier = notifier
         self._statuses = statuses
+        self._endpoints = endpoints
         self.ready_sent = False
         #: Set while the daemon shuts down: STATUS= then says "stopping" (sdnotify).
         self.quiet = False
@@ -54,6 +59,8 @@ class Readiness:
             self._router.set_ready(status.name, status.ready)
         if event.state_changed:
             self._metrics.observe_instance(status.name, status.role, status.state.value)
+        if self._endpoints is not None:
+            self._endpoints.refresh()
         if self.quiet:
             return
         line = self.line()

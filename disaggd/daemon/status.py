@@ -12,6 +12,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from disaggd.export.llmd import role_labels
 from disaggd.proxy.kvcheck import VERDICTS as KV_VERDICTS
 from disaggd.supervise.events import InstanceStatus
 from disaggd.supervise.states import ProcessState
@@ -43,7 +44,10 @@ def status_line(statuses: Iterable[InstanceStatus]) -> str:
 def status_rows(
     statuses: Iterable[InstanceStatus], inflight: Mapping[str, int]
 ) -> list[dict[str, Any]]:
-    """One JSON-ready row per instance; `inflight` is requests in flight by instance name."""
+    """One JSON-ready row per instance; `inflight` is requests in flight by instance name.
+
+    ``labels`` are the instance's llm-d labels (``{"llm-d.ai/role": "prefill"}``).
+    """
     return [
         {
             "name": s.name,
@@ -61,6 +65,7 @@ def status_rows(
             "last_exit": s.last_exit,
             "last_output": list(s.last_output[-STATUS_OUTPUT_LINES:]),
             "held": s.held,
+            "labels": role_labels(s.role),
         }
         for s in statuses
     ]

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from disaggd._compat import tomllib
 from disaggd.topology import connectors
-from disaggd.topology.schema import InstanceSection, Role, Topology
+from disaggd.topology.schema import WILDCARD_HOSTS, InstanceSection, Role, Topology
 from disaggd.topology.spec import bound_ports
 
 #: Where `disaggd run` looks for its topology when ``-c`` is not given.
@@ -223,10 +223,12 @@ def _resolve(topo: Topology, base: Path) -> Topology:
     if model.name.startswith(("./", "../")):
         # An explicit relative path is a local model folder next to the topology file.
         model = model.model_copy(update={"name": str((base / model.name).resolve())})
+    endpoints_file = topo.daemon.endpoints_file
     daemon = topo.daemon.model_copy(
         update={
             "state_dir": _anchor(topo.daemon.state_dir, base),
             "control_socket": _anchor(topo.daemon.control_socket, base),
+            "endpoints_file": _anchor(endpoints_file, base) if endpoints_file else None,
         }
     )
     return topo.model_copy(update={"instances": tuple(instances), "daemon": daemon, "model": model})
@@ -249,6 +251,8 @@ def _topology_problems(topo: Topology) -> Iterator[Problem]:
     for idx, inst in enumerate(topo.instances):
         yield from _instance_connector_problems(topo, idx, inst)
     yield from _remote_kv_host_problems(topo)
+    if topo.daemon.endpoints_file is not None:
+        yield from endpoint_problems(topo)
 
 
 def _name_problems(topo: Topology) -> Iterator[Problem]:
@@ -424,4 +428,29 @@ def _remote_kv_host_problems(topo: Topology) -> Iterator[Problem]:
                 f"address, but the remote {other} '{peer}' connects to it from another host "
                 f"(and would reach itself): set instance[{idx}].kv_host (or host) to an "
                 f"address of this host that '{peer}' can route to",
+            )
+
+
+def endpoint_problems(topo: Topology) -> Iterator[Problem]:
+    """What keeps `topo` out of llm-d's endpoints file (``[daemon].endpoints_file``).
+
+    llm-d's file discovery takes a literal IPv4 address per endpoint and resolves no
+    hostname (llm-d/llm-d-router, pkg/epp/framework/plugins/datalayer/discovery/file/
+    README.md): each instance's `InstanceSection.reach_host` must be one.
+    """
+    for idx, inst in enumerate(topo.instances):
+        host = inst.reach_host
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not inst.spawned:
+                key = f"instance[{idx}].url"
+            elif inst.host in WILDCARD_HOSTS:
+                key = f"instance[{idx}].kv_host"
+            else:
+                key = f"instance[{idx}].host"
+            yield Problem(
+                key,
+                f"'{inst.name}' is reached at {host!r}, but llm-d's endpoints file takes a "
+                "literal IPv4 address (its file discovery resolves no hostname)",
             )

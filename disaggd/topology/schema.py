@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -215,6 +216,19 @@ class InstanceSection(_Section):
         return f"http://{host}:{self.port}"
 
     @property
+    def reach_host(self) -> str:
+        """The address a client on another host reaches the HTTP port at.
+
+        ``host``; for a wildcard host, ``kv_host`` (this host's routable address) or
+        else 127.0.0.1; for a remote instance, its URL's host.
+        """
+        if self.url is not None:
+            return urlsplit(self.url).hostname or ""
+        if self.host in WILDCARD_HOSTS:
+            return self.kv_host or "127.0.0.1"
+        return self.host
+
+    @property
     def advertised_kv_host(self) -> str:
         """The address peers use for KV transfer (VLLM_HOST_IP)."""
         if self.kv_host:
@@ -246,13 +260,17 @@ class SupervisorSection(_Section):
     output_lines: Int = Field(default=200, ge=1, description="Child lines kept for reports.")
 
 
+#: ``[proxy] prefill_policy`` / ``decode_policy`` (disaggd.proxy.router, disaggd.proxy.prefix).
+RoutingPolicy = Literal["least_outstanding", "round_robin", "cache_aware"]
+
+
 class ProxySection(_Section):
     """``[proxy]``: the OpenAI-compatible front door."""
 
     host: str = "127.0.0.1"
     port: Port = 8000
-    prefill_policy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
-    decode_policy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
+    prefill_policy: RoutingPolicy = "least_outstanding"
+    decode_policy: RoutingPolicy = "least_outstanding"
     connect_timeout: Seconds = Field(default=5.0, description="TCP connect to an upstream.")
     prefill_timeout: Seconds = Field(default=300.0, description="Whole prefill leg deadline.")
     request_timeout: Seconds = Field(default=600.0, description="Whole request deadline.")
@@ -311,6 +329,34 @@ class ProxySection(_Section):
     body_timeout: Seconds = Field(
         default=30.0, description="Reading a request's whole body, seconds; past it 408."
     )
+    # -- cache-aware routing (issue 12; disaggd.proxy.prefix) ---------------------------------
+    cache_balance_abs: Int = Field(
+        default=16,
+        ge=0,
+        description="cache_aware / session affinity: an instance may be preferred for its "
+        "cache or session while its requests in flight exceed the least loaded's by at most "
+        "this many ...",
+    )
+    cache_balance_rel: Number = Field(
+        default=1.5, ge=1.0, description="... or are at most this multiple of the least loaded's."
+    )
+    prefix_index_blocks: Int = Field(
+        default=32768,
+        gt=0,
+        description="Blocks of 64 prompt characters (~16 tokens) remembered per instance "
+        "(LRU; ~100 bytes each); about the engine's KV capacity in tokens / 16.",
+    )
+    decode_only_uncached_below_chars: Int = Field(
+        default=0,
+        ge=0,
+        description="Decode-only when the prompt characters the chosen decode does not "
+        "already hold (by the prefix index) are fewer than this. 0 disables.",
+    )
+    session_affinity: Flag = Field(
+        default=False,
+        description="Keep a session (X-Session-Id header, else the body's 'user') on the "
+        "instances that served it while they are eligible and within the balance rule.",
+    )
 
 
 class DaemonSection(_Section):
@@ -325,6 +371,19 @@ class DaemonSection(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     watch: Flag = Field(default=False, description="Reload when the file changes.")
     drain_timeout: Seconds = Field(default=30.0, description="In-flight requests at shutdown.")
+    endpoints_file: Path | None = Field(
+        default=None,
+        description="llm-d's endpoints file (its endpoint picker's file discovery), kept up "
+        "to date with the instances that are ready, rewritten atomically on every change; "
+        "relative to the topology file. Every instance's address must then be IPv4.",
+    )
+
+    @field_validator("endpoints_file")
+    @classmethod
+    def _names_a_file(cls, v: Path | None) -> Path | None:
+        if v is not None and v.name in ("", ".", ".."):
+            raise ValueError("must name a file, not a folder")
+        return v
 
     def instance_dir(self, name: str) -> Path:
         """``{state_dir}/instances/{name}``: an instance's working folder (its cwd)."""

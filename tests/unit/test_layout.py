@@ -18,7 +18,8 @@ ALLOWED = {
     "observe": set(),
     "supervise": {"topology", "observe"},
     "proxy": {"topology", "observe"},
-    "daemon": {"topology", "observe", "supervise", "proxy"},
+    "export": {"topology"},
+    "daemon": {"topology", "observe", "supervise", "proxy", "export"},
 }
 
 #: Limits from issue 10: lines per module, per class, per function. Classes and functions
