@@ -404,6 +404,16 @@ def test_the_readme_main_job(tmp_path: Path, tiny_model: Path) -> None:
                 {"model": SERVED, "prompt": prompt, "max_tokens": 10, "temperature": 0},
             )
             assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] == 10
+        # The README's third request, longer than a KV block: the KV moves, and status says so.
+        out = post(proxy + "/v1/completions", readme_long_request())
+        assert out["usage"]["completion_tokens"] == 10
+        status = subprocess.run(
+            [sys.executable, "-m", "disaggd", "status", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "decode-0  moved 1, recomputed 0, short_prompt 2" in status.stdout, status.stdout
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
         assert proc.wait(120) == 0
         assert all_gone(pids, timeout=30)
@@ -414,6 +424,15 @@ def test_the_readme_main_job(tmp_path: Path, tiny_model: Path) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(120)
         log.close()
+
+
+def readme_long_request() -> dict[str, Any]:
+    """The body of the README's long-prompt curl, read from the README (so they never drift)."""
+    text = (ROOT / "README.md").read_text()
+    line = next(x for x in text.splitlines() if "-d '" in x and "Disaggregated prefill" in x)
+    body = line.strip().removeprefix("-d '").removesuffix("'").replace("'\"'\"'", "'")
+    loaded: dict[str, Any] = json.loads(body)
+    return loaded
 
 
 def instance_pid(config: Path, name: str) -> int:
