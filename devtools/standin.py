@@ -38,6 +38,17 @@ at run time:
 * ``STANDIN_FORK_ENGINE=0``: no engine grandchild (default 1);
 * ``STANDIN_HEALTH_STATUS=503``: what ``/health`` answers.
 
+* ``STANDIN_PREFILL_TOKEN_DELAY=S`` per prompt token not found in the prefix cache.
+
+Prefix cache (vLLM's automatic prefix caching, off by default):
+``STANDIN_PREFIX_CACHE_BLOCKS=N`` keeps at most N blocks of
+``STANDIN_PREFIX_BLOCK_TOKENS`` (16) prompt tokens (words), LRU, keyed by chained
+hashes, on every instance. A request's leading whole blocks found there are
+``usage.prompt_tokens_details.cached_tokens`` (with
+``--enable-prompt-tokens-details``, as vLLM; at most all but the last token) and
+``vllm:prefix_cache_hits_total`` (tokens; ``vllm:prefix_cache_queries_total``
+counts every prompt token looked up); its blocks are then stored.
+
 Other variables: ``STANDIN_SHARED_DIR`` (P2pNccl prefill markers; storage
 folder when the connector names none), ``STANDIN_KV_BLOCK_SIZE`` (prefills of
 shorter prompts return no params; default 0), ``STANDIN_ACCESS_LOG=0`` (no
@@ -368,6 +379,7 @@ class Faults:
     fail_match: str | None = None
     token_delay: float = 0.0
     prefill_delay: float = 0.0
+    prefill_token_delay: float = 0.0
     ignore_sigterm: bool = False
     fork_engine: bool = True
     health_status: int = 200
@@ -384,6 +396,7 @@ class Faults:
         "fail_match": _opt(str),
         "token_delay": float,
         "prefill_delay": float,
+        "prefill_token_delay": float,
         "ignore_sigterm": _to_bool,
         "fork_engine": _to_bool,
         "health_status": int,
@@ -595,6 +608,56 @@ class KVSide:
         }
 
 
+class PrefixCache:
+    """vLLM's automatic prefix caching, modelled: whole blocks of `block` prompt tokens
+    (words), chained hashes, at most `capacity` blocks, least recently used evicted
+    first (a prompt's tail before its head, as vLLM frees blocks in reverse order)."""
+
+    def __init__(self, capacity: int, block: int) -> None:
+        self.capacity = capacity
+        self.block = max(1, block)
+        self.blocks: dict[int, None] = {}  # insertion order = recency (oldest first)
+        self.queries = 0
+        self.hits = 0
+        self.evicted = 0
+
+    def lookup(self, text: str) -> int:
+        """Prompt tokens of `text` found cached (whole leading blocks, not the last
+        token); then its whole blocks are stored as just used."""
+        if self.capacity <= 0:
+            return 0
+        words = text.split()
+        b = self.block
+        hashes: list[int] = []
+        h = 0
+        for i in range(0, len(words) // b * b, b):
+            h = hash((h, " ".join(words[i : i + b])))
+            hashes.append(h)
+        usable = (len(words) - 1) // b if words else 0
+        hit = 0
+        while hit < min(usable, len(hashes)) and hashes[hit] in self.blocks:
+            hit += 1
+        for h in reversed(hashes):
+            self.blocks.pop(h, None)
+            self.blocks[h] = None
+        while len(self.blocks) > self.capacity:
+            del self.blocks[next(iter(self.blocks))]
+            self.evicted += 1
+        self.queries += len(words)
+        self.hits += hit * b
+        return hit * b
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "capacity": self.capacity,
+            "block": self.block,
+            "blocks": len(self.blocks),
+            "queries": self.queries,
+            "hits": self.hits,
+            "evicted": self.evicted,
+        }
+
+
 def _prompt_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -641,6 +704,7 @@ class GenRequest:
     midstream_error: bool = False
     stop_after: int | None = None
     abort_after: int | None = None
+    cached: int = 0  # prompt tokens found in the prefix cache
 
     @property
     def text(self) -> str:
@@ -923,6 +987,10 @@ class Standin:
         host = args.host or "0.0.0.0"
         self.connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.kv = KVSide(args.kv_transfer_config, self.connect_host, environ)
+        self.prefix = PrefixCache(
+            int(environ.get("STANDIN_PREFIX_CACHE_BLOCKS") or 0),
+            int(environ.get("STANDIN_PREFIX_BLOCK_TOKENS") or 16),
+        )
         self.access_log = _to_bool(environ.get("STANDIN_ACCESS_LOG", "1"))
         self.engine_death_exit_code = int(environ.get("STANDIN_ENGINE_DEATH_EXIT_CODE") or 0)
         self.records: deque[dict[str, Any]] = deque(
@@ -978,6 +1046,12 @@ class Standin:
         self.m_ext_hits = counter(
             "vllm:external_prefix_cache_hits_total", "External prefix cache hits (tokens)."
         ).labels(self.name)
+        self.m_pc_queries = counter(
+            "vllm:prefix_cache_queries_total", "Prefix cache queries (tokens)."
+        ).labels(self.name)
+        self.m_pc_hits = counter(
+            "vllm:prefix_cache_hits_total", "Prefix cache hits (tokens)."
+        ).labels(self.name)
         by_source = counter(
             "vllm:prompt_tokens_by_source_total", "Prompt tokens by source.", ["source"]
         )
@@ -998,16 +1072,21 @@ class Standin:
 
     def _account(self, gen: GenRequest, verdict: str) -> None:
         p = gen.prompt_tokens
+        local = gen.cached
         self.verdicts[verdict] += 1
         self.m_verdicts[verdict].inc()
         self.m_prompt.inc(p)
+        if self.prefix.capacity > 0:
+            self.m_pc_queries.inc(p)
+            self.m_pc_hits.inc(local)
+            self.m_src["local_cache_hit"].inc(local)
         if self.kv.handoff is not None:
-            self.m_ext_queries.inc(p)
+            self.m_ext_queries.inc(p - local)
         if verdict == VERDICT_HIT:
-            self.m_ext_hits.inc(p)
-            self.m_src["external_kv_transfer"].inc(p)
+            self.m_ext_hits.inc(p - local)
+            self.m_src["external_kv_transfer"].inc(p - local)
         else:
-            self.m_src["local_compute"].inc(p)
+            self.m_src["local_compute"].inc(p - local)
         if verdict == VERDICT_INVALID:
             self.m_invalid.inc()
             log(
@@ -1141,6 +1220,7 @@ class Standin:
                     "verdicts": dict(self.verdicts),
                 },
                 "faults": self.faults.as_dict(),
+                "prefix_cache": self.prefix.as_dict(),
             }
         )
 
@@ -1254,6 +1334,7 @@ class Standin:
             verdict = self.kv.classify(gen)
             if entry is not None:
                 entry["verdict"] = verdict
+            gen.cached = min(self.prefix.lookup(gen.text), gen.prompt_tokens)
             self._account(gen, verdict)
             if gen.midstream_error and not gen.stream:
                 await self._pause(self.faults.prefill_delay)
@@ -1293,7 +1374,8 @@ class Standin:
             await self._cut_event.wait()
 
     async def _prefill(self, gen: GenRequest, verdict: str) -> None:
-        await self._pause(self.faults.prefill_delay)
+        computed = 0 if verdict == VERDICT_HIT else gen.prompt_tokens - gen.cached
+        await self._pause(self.faults.prefill_delay + computed * self.faults.prefill_token_delay)
         self.kv.on_prefilled(gen, verdict)
 
     def _finish(self, gen: GenRequest, produced: int) -> str:
@@ -1319,7 +1401,7 @@ class Standin:
         }
         if "--enable-prompt-tokens-details" in self.args.ignored:
             # Like vLLM: tokens not computed here (local prefix cache + external KV).
-            cached = gen.prompt_tokens if verdict == VERDICT_HIT else 0
+            cached = gen.prompt_tokens if verdict == VERDICT_HIT else gen.cached
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
         return usage
 

@@ -118,6 +118,13 @@ class Metrics:
             ``connect``, ``timeout``, ``disconnect``, ``http_5xx``, ``http_4xx``,
             ``bad_response``, ``stream_cut`` (`disaggd.proxy.failures.TABLE`).
         retries: ``disaggd_retries_total{role}``, legs sent again to another instance.
+        disagg_decision: ``disaggd_disagg_decision_total{decision_type,reason}``, the
+            decision taken before the legs, named as llm-d's
+            ``llm_d_epp_disagg_decision_total`` (``prefill-decode``, ``decode-only``);
+            reasons: ``uncached`` (disaggregated), ``cached`` (the decode holds most of
+            the prompt), ``short`` (the length rule), ``batch``.
+        routed: ``disaggd_routed_total{role,why}``, instances chosen by prefix or
+            session routing (`disaggd.proxy.prefix`): ``session``, ``cache``, ``load``.
         kv_check: ``disaggd_kv_check_total{verdict}``, see `disaggd.proxy.kvcheck.kv_verdict`.
         kv_by_decode: the same verdicts counted per decode instance (`VerdictTally`).
         inflight: ``disaggd_requests_in_flight``, client requests being served.
@@ -133,6 +140,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self._request_metrics(self.registry)
+        self._routing_metrics(self.registry)
         self.kv_by_decode = VerdictTally()
         self._daemon_metrics(self.registry)
         self._states: dict[str, str] = {}
@@ -198,6 +206,23 @@ class Metrics:
         )
         self._upstreams = _UpstreamCollector()
         r.register(self._upstreams)
+
+    def _routing_metrics(self, r: CollectorRegistry) -> None:
+        """How requests were routed: the disaggregation decision, prefix and session choices."""
+        self.disagg_decision = Counter(
+            "disaggd_disagg_decision",
+            "Disaggregation decisions before the legs (decision_type: prefill-decode, "
+            "decode-only, as llm-d), by reason (uncached, cached, short, batch).",
+            ["decision_type", "reason"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "disaggd_routed",
+            "Instances chosen by prefix or session routing, by role and why "
+            "(session, cache, load).",
+            ["role", "why"],
+            registry=r,
+        )
 
     def _daemon_metrics(self, r: CollectorRegistry) -> None:
         """The supervisor's side and the daemon's own event loop."""

@@ -106,7 +106,7 @@ class Admission:
                 503 (nothing routable and `required`).
         """
         router = self._router
-        up = router.pick(role, exclude)
+        up = router.pick(role, exclude, rec.key)
         if up is not None:
             return up
         p = rec.s.proxy
@@ -123,7 +123,7 @@ class Admission:
                     "queue_timeout",
                     busy(f"no {role.value} instance was free in time; try again later"),
                 )
-            up = router.pick(role, exclude)
+            up = router.pick(role, exclude, rec.key)
             if up is not None:
                 return up
         if not required:

@@ -34,9 +34,11 @@ from disaggd.observe.logs import get_logger
 from disaggd.proxy.admission import Admission
 from disaggd.proxy.errors import HTTPError, body_timeout, too_large, unavailable, unencodable
 from disaggd.proxy.legs import Legs, first_finish
+from disaggd.proxy.prefix import BLOCK_CHARS, route_key
 from disaggd.proxy.record import Accounting, Decision, Record, Send
 from disaggd.proxy.reply import Replies
 from disaggd.proxy.request import (
+    CHAT,
     Head,
     Receive,
     Scope,
@@ -60,15 +62,26 @@ PARSE_OFF_LOOP_BYTES = 256 * 1024
 log = get_logger("disaggd.proxy")
 
 
-def decide(rec: Record) -> Decision:
-    """``disaggregated``, or ``decode_only`` for a prompt under ``decode_only_below_chars``
-    or a batch the connector cannot hand off in one piece."""
+def decide(rec: Record) -> tuple[Decision, str]:
+    """The decision and its reason, taken once the decode is chosen.
+
+    ``decode_only`` when the chosen decode is known (prefix index) to hold all but
+    fewer than ``decode_only_uncached_below_chars`` characters of the prompt
+    (``cached``: llm-d's prefix-based decider), else for a prompt under
+    ``decode_only_below_chars`` (``short``), or a batch the connector cannot hand
+    off in one piece (``batch``); otherwise ``disaggregated`` (``uncached``).
+    """
     p = rec.s.proxy
-    if p.decode_only_below_chars and prompt_chars(rec.route, rec.req) < p.decode_only_below_chars:
-        return "decode_only"
+    uncached_below, below = p.decode_only_uncached_below_chars, p.decode_only_below_chars
+    chars = prompt_chars(rec.route, rec.req) if uncached_below or below else 0
+    held = rec.key.matched.get(Role.DECODE) if rec.key is not None else None
+    if uncached_below and held is not None and chars - held * BLOCK_CHARS < uncached_below:
+        return "decode_only", "cached"
+    if below and chars < below:
+        return "decode_only", "short"
     if not rec.s.handoff.splits_batches and is_batch(rec.route, rec.req):
-        return "decode_only"
-    return "disaggregated"
+        return "decode_only", "batch"
+    return "disaggregated", "uncached"
 
 
 class Pipeline:
@@ -142,7 +155,7 @@ class Pipeline:
         decode = await self._admission.take(rec, Role.DECODE)
         assert decode is not None
         with self._router.hold(decode) as held:
-            rec.decision = decide(rec)  # what a prefill's 4xx or a 504 is counted as
+            rec.decision, rec.reason = decide(rec)  # what a prefill's 4xx or a 504 is counted as
             params: dict[str, Any] | None = None
             if rec.decision == "disaggregated":
                 result = await self._legs.prefill(rec, held.up)
@@ -228,6 +241,7 @@ class Pipeline:
         else:
             rec.req = parse_request(rec.route, raw)
         rec.stream = rec.req.get("stream") is True
+        rec.key = route_key(rec.route == CHAT, rec.req, scope["headers"], self._router.cache)
         return True
 
     @staticmethod

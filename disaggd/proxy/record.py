@@ -15,6 +15,7 @@ from typing import Any, Literal
 from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
 from disaggd.proxy.kvcheck import VERDICTS, kv_verdict
+from disaggd.proxy.prefix import RouteKey
 from disaggd.proxy.request import INFERENCE_ROUTES
 from disaggd.proxy.settings import Settings
 
@@ -47,6 +48,14 @@ class GapCounts:
         self.total += gap
 
 
+def _child(cache: dict[tuple[str, ...], Any], metric: Any, *labels: str) -> Any:
+    """`metric`'s child for `labels`, from `cache` (``labels()`` locks and validates)."""
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
 class Record:
     """One client request: its inputs, and what it has become so far (for the
     reply, the metrics and its log line). Times are `time.monotonic` seconds."""
@@ -61,12 +70,14 @@ class Record:
         "disconnected",
         "error",
         "gaps",
+        "key",
         "kv",
         "last_sent",
         "prefill",
         "prefill_ms",
         "prompt_tokens",
         "raw",
+        "reason",
         "req",
         "retries",
         "rid",
@@ -109,6 +120,8 @@ class Record:
         self.prompt_tokens: int | None = None
         self.error: str | None = None
         self.kv: str | None = None
+        self.key: RouteKey | None = None  # prefix and session routing (disaggd.proxy.prefix)
+        self.reason: str | None = None  # why `decision` was taken (disagg_decision_total)
 
     def identify(self, client_rid: str | None) -> None:
         """Take the client's ``X-Request-Id`` as the request's id, or make a fresh one."""
@@ -136,6 +149,8 @@ class Accounting:
         self.itl = {r: metrics.itl.labels(r) for r in INFERENCE_ROUTES}
         self._itl_bounds = {r: list(h._upper_bounds) for r, h in self.itl.items()}
         self._kv = {v: metrics.kv_check.labels(v) for v in VERDICTS}
+        self._decided: dict[tuple[str, ...], Any] = {}
+        self._routed: dict[tuple[str, ...], Any] = {}
 
     def gaps(self, route: str) -> GapCounts:
         """A fresh gap counter for one stream on `route` (fed to the histogram by `done`)."""
@@ -190,10 +205,21 @@ class Accounting:
                 block_size=block,
             )
 
+    def _count_routing(self, rec: Record) -> None:
+        """``disaggd_disagg_decision_total`` and ``disaggd_routed_total`` of a request."""
+        if rec.reason is not None:
+            kind = "prefill-decode" if rec.reason == "uncached" else "decode-only"
+            _child(self._decided, self.metrics.disagg_decision, kind, rec.reason).inc()
+        if rec.key is not None:
+            for role, why in rec.key.why.items():
+                _child(self._routed, self.metrics.routed, role.value, why).inc()
+
     def done(self, rec: Record) -> None:
         """Metrics and the one ``request_done`` line of a finished request."""
         e2e = time.monotonic() - rec.t0
         self._flush_gaps(rec)
+        if rec.reason is not None or rec.key is not None:
+            self._count_routing(rec)
         decision = rec.decision
         key = (rec.route, rec.status, decision)
         child = self._requests.get(key)

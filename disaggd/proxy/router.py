@@ -11,7 +11,8 @@ Policies, per role (``[proxy] prefill_policy`` / ``decode_policy``):
 * ``least_outstanding`` (default): the eligible upstream with the fewest
   requests in flight; ties are broken round robin, so that an idle xPyD
   deployment still spreads requests over every instance;
-* ``round_robin``: the next eligible upstream after the last one picked.
+* ``round_robin``: the next eligible upstream after the last one picked;
+* ``cache_aware``: by prompt prefix, within a balance rule (`disaggd.proxy.prefix`).
 
 Eligible means ready, not draining, not excluded by the caller (a retry
 excludes the instances that already failed this request), under its role's
@@ -32,10 +33,11 @@ from typing import Any, Literal
 
 from disaggd.observe.logs import get_logger
 from disaggd.proxy.breaker import Breaker, BreakerState
+from disaggd.proxy.prefix import PrefixRouting, RouteKey
 from disaggd.topology import Role, Topology
 from disaggd.topology.spec import InstanceSpec, build_specs
 
-Policy = Literal["least_outstanding", "round_robin"]
+Policy = Literal["least_outstanding", "round_robin", "cache_aware"]
 
 log = get_logger("disaggd.proxy")
 
@@ -144,6 +146,7 @@ class Router:
         }
         # Tasks `abandon` cancelled because their upstream stalled (they uncancel).
         self.abandoned: set[asyncio.Task[Any]] = set()
+        self.cache = PrefixRouting()  # prefix index and sessions (cache_aware, affinity)
         for name, spec in build_specs(topo).items():
             self._by_name[name] = _upstream_for(spec)
         self._apply_policies(topo)
@@ -211,10 +214,12 @@ class Router:
         self._limit[Role.DECODE] = p.decode_max_inflight
         self._breaker = (p.breaker_failures, p.breaker_cooldown)
         self._stall = p.stall_timeout
+        self.cache.configure(p)
         for up in self._by_name.values():
             up.breaker.threshold, up.breaker.cooldown = self._breaker
 
     def _reindex(self) -> None:
+        self.cache.retain(self._by_name)
         for up in self._by_name.values():
             up.breaker.threshold, up.breaker.cooldown = self._breaker
         for role in Role:
@@ -234,6 +239,8 @@ class Router:
             up.ready = ready
             if ready:
                 self._wake(up.role)
+            else:
+                self.cache.forget(name)  # a restarted engine's cache is empty
 
     def set_draining(self, name: str, draining: bool) -> None:
         """Take an instance out of (or back into) rotation; requests in flight continue."""
@@ -243,22 +250,24 @@ class Router:
 
     # -- the request path ------------------------------------------------------------------------
 
-    def pick(self, role: Role, exclude: Collection[str] = ()) -> Upstream | None:
+    def pick(
+        self, role: Role, exclude: Collection[str] = (), key: RouteKey | None = None
+    ) -> Upstream | None:
         """The upstream of `role` that gets the next request, or None if none is eligible.
 
         Eligible: ready, not draining, name not in `exclude`. The caller should
         `acquire` the result before its first await, so that concurrent picks see it.
+        With the request's `key`, a role routed by prefix or session is chosen by
+        `PrefixRouting.choose` among the eligible ones.
         """
         ups = self._by_role[role]
         n = len(ups)
-        if n == 0:
-            return None
         start = self._cursor[role]
-        least = self._policy[role] == "least_outstanding"
+        least = self._policy[role] != "round_robin"
+        keyed: list[Upstream] | None = [] if key and self.cache.tracks(role) else None
         limit = self._limit[role]
         now = time.monotonic()
         best: Upstream | None = None
-        best_idx = 0
         for k in range(n):
             idx = start + k
             if idx >= n:
@@ -268,17 +277,27 @@ class Router:
                 continue
             if limit and up.outstanding >= limit:
                 continue
-            if best is None or (least and up.outstanding < best.outstanding):
+            if keyed is not None:
+                keyed.append(up)
+            elif best is None or (least and up.outstanding < best.outstanding):
                 best = up
-                best_idx = idx
                 if not least or up.outstanding == 0:
                     break  # nothing can beat it; the scan order already did the tie breaking
+        if keyed is not None:
+            best = self.cache.choose(role, keyed, key)  # type: ignore[arg-type]  # key is set
         if best is not None:
-            self._cursor[role] = best_idx + 1 if best_idx + 1 < n else 0
-            if best.tripped:
-                best.breaker.trial_started(now)
-                log.info("breaker_trial", instance=best.name)
+            self._took(role, best, now)
         return best
+
+    def _took(self, role: Role, best: Upstream, now: float) -> None:
+        """`best` was picked: the cursor moves past it; an open breaker lets it through
+        as its one trial."""
+        ups = self._by_role[role]
+        idx = ups.index(best) + 1
+        self._cursor[role] = idx if idx < len(ups) else 0
+        if best.tripped:
+            best.breaker.trial_started(now)
+            log.info("breaker_trial", instance=best.name)
 
     def _routable(self, up: Upstream, now: float) -> bool:
         """Ready, not draining, not stalled, breaker letting requests through."""

@@ -260,13 +260,17 @@ class SupervisorSection(_Section):
     output_lines: Int = Field(default=200, ge=1, description="Child lines kept for reports.")
 
 
+#: ``[proxy] prefill_policy`` / ``decode_policy`` (disaggd.proxy.router, disaggd.proxy.prefix).
+RoutingPolicy = Literal["least_outstanding", "round_robin", "cache_aware"]
+
+
 class ProxySection(_Section):
     """``[proxy]``: the OpenAI-compatible front door."""
 
     host: str = "127.0.0.1"
     port: Port = 8000
-    prefill_policy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
-    decode_policy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
+    prefill_policy: RoutingPolicy = "least_outstanding"
+    decode_policy: RoutingPolicy = "least_outstanding"
     connect_timeout: Seconds = Field(default=5.0, description="TCP connect to an upstream.")
     prefill_timeout: Seconds = Field(default=300.0, description="Whole prefill leg deadline.")
     request_timeout: Seconds = Field(default=600.0, description="Whole request deadline.")
@@ -324,6 +328,34 @@ class ProxySection(_Section):
     )
     body_timeout: Seconds = Field(
         default=30.0, description="Reading a request's whole body, seconds; past it 408."
+    )
+    # -- cache-aware routing (issue 12; disaggd.proxy.prefix) ---------------------------------
+    cache_balance_abs: Int = Field(
+        default=16,
+        ge=0,
+        description="cache_aware / session affinity: an instance may be preferred for its "
+        "cache or session while its requests in flight exceed the least loaded's by at most "
+        "this many ...",
+    )
+    cache_balance_rel: Number = Field(
+        default=1.5, ge=1.0, description="... or are at most this multiple of the least loaded's."
+    )
+    prefix_index_blocks: Int = Field(
+        default=32768,
+        gt=0,
+        description="Blocks of 64 prompt characters (~16 tokens) remembered per instance "
+        "(LRU; ~100 bytes each); about the engine's KV capacity in tokens / 16.",
+    )
+    decode_only_uncached_below_chars: Int = Field(
+        default=0,
+        ge=0,
+        description="Decode-only when the prompt characters the chosen decode does not "
+        "already hold (by the prefix index) are fewer than this. 0 disables.",
+    )
+    session_affinity: Flag = Field(
+        default=False,
+        description="Keep a session (X-Session-Id header, else the body's 'user') on the "
+        "instances that served it while they are eligible and within the balance rule.",
     )
 
 
