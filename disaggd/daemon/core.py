@@ -352,12 +352,21 @@ class Daemon:
     def status_reply(self) -> dict[str, Any]:
         """The ``status`` control reply: every instance, and the proxy."""
         assert self.supervisor is not None
-        inflight = {u.name: u.outstanding for u in self.router.upstreams()}
+        ups = self.router.upstreams()
+        inflight = {u.name: u.outstanding for u in ups}
+        routing = {
+            u.name: {
+                "breaker": u.breaker.state.value,
+                "breaker_reason": u.breaker.reason or None,
+                "prefix_blocks": self.router.cache.blocks(u.name),
+            }
+            for u in ups
+        }
         return {
             "ok": True,
             "config": str(self.config_path),
             "stopping": self._stopping,
-            "instances": status_rows(self.supervisor.statuses(), inflight),
+            "instances": status_rows(self.supervisor.statuses(), inflight, routing),
             "proxy": {
                 "url": self._proxy_url,
                 "inflight": self.proxy.inflight,

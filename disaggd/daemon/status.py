@@ -42,14 +42,20 @@ def status_line(statuses: Iterable[InstanceStatus]) -> str:
 
 
 def status_rows(
-    statuses: Iterable[InstanceStatus], inflight: Mapping[str, int]
+    statuses: Iterable[InstanceStatus],
+    inflight: Mapping[str, int],
+    routing: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One JSON-ready row per instance; `inflight` is requests in flight by instance name.
 
-    ``labels`` are the instance's llm-d labels (``{"llm-d.ai/role": "prefill"}``).
+    ``labels`` are the instance's llm-d labels (``{"llm-d.ai/role": "prefill"}``);
+    `routing` adds the proxy's view by name: ``breaker`` (closed / open / half_open),
+    ``breaker_reason`` and ``prefix_blocks`` (its entries in the cache-aware index).
     """
+    routing = routing or {}
     return [
         {
+            **routing.get(s.name, {}),
             "name": s.name,
             "role": s.role,
             "state": s.state.value,
@@ -154,7 +160,7 @@ def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None 
                 str(inst.get("name")),
                 str(inst.get("role")),
                 str(inst.get("state")) + (" (by hand)" if inst.get("held") else ""),
-                "drained" if inst.get("drained") else "yes" if inst.get("ready") else "no",
+                _ready_word(inst),
                 str(inst.get("pid") or "-"),
                 str(inst.get("port") or inst.get("url") or "-"),
                 _duration(inst.get("uptime")),
@@ -176,6 +182,16 @@ def render_status(instances: list[dict[str, Any]], reply: dict[str, Any] | None 
             f"health {'ok' if proxy.get('healthy') else 'NOT READY'}"
         )
     return "\n".join(lines)
+
+
+def _ready_word(inst: Mapping[str, Any]) -> str:
+    """READY: ``drained`` (by hand), ``breaker open`` (passive health), else yes / no."""
+    if inst.get("drained"):
+        return "drained"
+    breaker = inst.get("breaker")
+    if inst.get("ready") and breaker not in (None, "closed"):
+        return f"breaker {breaker}".replace("_", "-")
+    return "yes" if inst.get("ready") else "no"
 
 
 def _kv_lines(instances: list[dict[str, Any]]) -> list[str]:

@@ -128,4 +128,7 @@ class Admission:
                 return up
         if not required:
             return None
-        raise self._reject(role, "unavailable", unavailable(f"no {role.value} instance is ready"))
+        why = self._router.why_none(role)
+        raise self._reject(
+            role, "unavailable", unavailable(f"no {role.value} instance is ready ({why})")
+        )

@@ -257,7 +257,8 @@ class Proxy:
             body.update(status="draining", missing=missing)
             return _json(503, body, retry)
         if missing:
-            body.update(status="unavailable", missing=missing)
+            why = {r: router.why_none(Role(r)) for r in missing}
+            body.update(status="unavailable", missing=missing, why=why)
             return _json(503, body, retry)
         body.update(status="ok", missing=[])
         return _json(200, body)

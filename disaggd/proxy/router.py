@@ -456,6 +456,19 @@ class Router:
         """Upstreams of `role` that can be picked now (ready and not draining)."""
         return sum(1 for u in self._by_role[role] if u.ready and not u.draining)
 
+    def why_none(self, role: Role) -> str:
+        """Why no upstream of `role` can be picked, for the 503 and ``/health``: e.g.
+        ``draining: decode-0; not ready: decode-1``, or ``none configured``."""
+        ups = self._by_role[role]
+        if not ups:
+            return "none configured"
+        groups = (
+            ("draining", [u.name for u in ups if u.ready and u.draining]),
+            ("breaker open", [u.name for u in ups if u.ready and not u.draining and u.tripped]),
+            ("not ready", [u.name for u in ups if not u.ready]),
+        )
+        return "; ".join(f"{what}: {', '.join(names)}" for what, names in groups if names)
+
     def upstreams(self) -> list[Upstream]:
         """Every upstream, in topology order (retired ones last)."""
         return list(self._by_name.values())

@@ -232,7 +232,11 @@ def test_status_and_restart_one_instance(tmp_path: Path) -> None:
         assert after["decode-0"] != before["decode-0"]
         assert after["decode-1"] == before["decode-1"]
         assert after["prefill-0"] == before["prefill-0"]
-        assert d.status()["decode-0"]["restarts"] >= 1
+        rows = d.status()
+        assert rows["decode-0"]["restarts"] >= 1
+        # The proxy's view is in the rows: breaker state and cache-aware index size.
+        assert {r["breaker"] for r in rows.values()} == {"closed"}
+        assert all(r["prefix_blocks"] == 0 for r in rows.values())  # least_outstanding
         proc = d.cli("restart", "nope")
         assert proc.returncode != 0 and "no instance named 'nope'" in proc.stderr
 

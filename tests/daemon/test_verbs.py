@@ -274,9 +274,12 @@ def test_drain_of_the_last_ready_decode(tmp_path: Path) -> None:
             "ready' until `disaggd undrain decode-0`"
         )
         status, body = http_get(f"{d.proxy_url}/health")
-        assert status == 503 and json.loads(body)["missing"] == ["decode"], body
+        health = json.loads(body)
+        assert status == 503 and health["missing"] == ["decode"], body
+        assert health["why"] == {"decode": "draining: decode-0"}  # the proxy says why
         status, body = complete(d, "refused")
-        assert status == 503 and "no decode instance is ready" in body.decode(), body
+        assert status == 503, body
+        assert "no decode instance is ready (draining: decode-0)" in body.decode(), body
         row = d.status()["decode-0"]
         assert (row["state"], row["pid"], row["drained"]) == ("RUNNING", pid, True)
         assert "drained" in d.cli("status").stdout.splitlines()[2]

@@ -269,3 +269,19 @@ def test_upstreams_come_from_instance_specs(tmp_path: Path) -> None:
     specs = build_specs(topo)
     got = {u.name: (u.role, u.base_url, u.kv_address) for u in Router(topo).upstreams()}
     assert got == {n: (sp.role, sp.base_url, sp.kv_address) for n, sp in specs.items()}
+
+
+def test_why_none_names_each_instance_and_its_reason(tmp_path: Path) -> None:
+    router = Router(_topo(tmp_path, prefill=1, decode=3, breaker_failures=2))
+    assert router.why_none(Role.DECODE) == "not ready: decode-0, decode-1, decode-2"
+    _ready_all(router)
+    assert router.why_none(Role.DECODE) == ""  # every decode can be picked
+    router.set_draining("decode-0", True)
+    router.set_ready("decode-2", False)
+    up = router.get("decode-1")
+    assert up is not None
+    router.failed(up, "http_5xx")
+    router.failed(up, "http_5xx")  # the second failure in a row opens its breaker
+    assert router.why_none(Role.DECODE) == (
+        "draining: decode-0; breaker open: decode-1; not ready: decode-2"
+    )
