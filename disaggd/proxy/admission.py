@@ -29,7 +29,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from disaggd.observe.metrics import Metrics
 from disaggd.proxy.errors import HTTPError, unavailable
 from disaggd.proxy.record import Record
-from disaggd.proxy.router import Router, Upstream
+from disaggd.proxy.router import Router
+from disaggd.proxy.upstream import Upstream
 from disaggd.topology import Role
 
 

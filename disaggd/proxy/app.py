@@ -25,6 +25,7 @@ import quart
 from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
 from disaggd.proxy.admission import Admission
+from disaggd.proxy.clients import Upstreams, client_timeout
 from disaggd.proxy.errors import HTTPError, dumps, error_body
 from disaggd.proxy.failures import Failures, Fault, Leg, fault_of
 from disaggd.proxy.legs import Legs
@@ -34,7 +35,6 @@ from disaggd.proxy.reply import Replies
 from disaggd.proxy.request import INFERENCE_ROUTES, Receive, check_auth
 from disaggd.proxy.router import Router
 from disaggd.proxy.settings import Live, Settings
-from disaggd.proxy.upstreams import Upstreams, client_timeout
 from disaggd.topology import Role, Topology
 
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from disaggd.proxy.errors import dumps
-from disaggd.proxy.router import Upstream
+from disaggd.proxy.upstream import Upstream
 from disaggd.topology import connectors
 from disaggd.topology.connectors import Handoff
 

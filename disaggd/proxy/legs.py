@@ -20,11 +20,12 @@ from typing import Any
 import aiohttp
 
 from disaggd.proxy.admission import Admission
+from disaggd.proxy.clients import Upstreams, client_timeout, done_with
 from disaggd.proxy.errors import Passthrough, gateway_timeout
 from disaggd.proxy.failures import Failures, Fault, Leg, Rule, fault_of, status_fault
 from disaggd.proxy.record import Accounting, Record
-from disaggd.proxy.router import Lease, Router, Upstream
-from disaggd.proxy.upstreams import Upstreams, client_timeout, done_with
+from disaggd.proxy.router import Router
+from disaggd.proxy.upstream import Lease, Upstream
 from disaggd.topology import Role
 
 

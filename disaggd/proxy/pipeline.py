@@ -49,8 +49,9 @@ from disaggd.proxy.request import (
     prompt_chars,
     read_body,
 )
-from disaggd.proxy.router import Router, Upstream
+from disaggd.proxy.router import Router
 from disaggd.proxy.settings import Live
+from disaggd.proxy.upstream import Upstream
 from disaggd.topology import Role
 
 #: Status recorded for a request whose client went away first (nginx's convention).

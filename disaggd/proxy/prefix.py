@@ -80,7 +80,7 @@ WHY = ("session", "cache", "load")
 
 
 class Candidate(Protocol):
-    """What the choice reads of an upstream (`disaggd.proxy.router.Upstream`)."""
+    """What the choice reads of an upstream (`disaggd.proxy.upstream.Upstream`)."""
 
     @property
     def name(self) -> str: ...

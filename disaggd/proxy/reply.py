@@ -28,8 +28,8 @@ from disaggd.proxy.failures import Failures, Fault, Leg, fault_of, status_fault
 from disaggd.proxy.kvcheck import usage_from
 from disaggd.proxy.record import Accounting, Record
 from disaggd.proxy.request import include_usage
-from disaggd.proxy.router import Upstream
 from disaggd.proxy.sse import SSE_CT, event_end, synthesize_stream
+from disaggd.proxy.upstream import Upstream
 
 #: Bytes of an unterminated SSE event held back before giving up on framing.
 MAX_PENDING = 1 << 20

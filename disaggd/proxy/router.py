@@ -28,14 +28,14 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Collection
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from disaggd.observe.logs import get_logger
-from disaggd.proxy.breaker import Breaker, BreakerState
+from disaggd.proxy.breaker import BreakerState
 from disaggd.proxy.prefix import PrefixRouting, RouteKey
+from disaggd.proxy.upstream import Lease, Upstream, upstream_for
 from disaggd.topology import Role, Topology
-from disaggd.topology.spec import InstanceSpec, build_specs
+from disaggd.topology.spec import build_specs
 
 Policy = Literal["least_outstanding", "round_robin", "cache_aware"]
 
@@ -44,81 +44,6 @@ log = get_logger("disaggd.proxy")
 #: Legs that must be waiting on an instance, none answered for ``stall_timeout``, to call
 #: it stalled (a lone long prefill is not).
 STALL_MIN_WAITING = 2
-
-
-@dataclass(eq=False)
-class Upstream:
-    """One instance as the proxy sees it.
-
-    Attributes:
-        name: the instance name from the topology.
-        role: prefill or decode.
-        base_url: ``http://host:port`` of its OpenAI server.
-        kv_address: ``host:port`` of its KV endpoint (request-id handoff), or None.
-        ready: the supervisor (or health prober) says it answers requests.
-        draining: being taken out: never picked, requests in flight continue.
-        outstanding: requests this proxy has in flight on it right now.
-        breaker: its passive-health breaker; ``tripped`` mirrors "not closed".
-        waiting: legs sent to it that have no answer yet; ``progress_at`` is when
-            it last answered anything (or when it began to owe an answer).
-    """
-
-    name: str
-    role: Role
-    base_url: str
-    kv_address: str | None
-    ready: bool = False
-    draining: bool = False
-    outstanding: int = 0
-    breaker: Breaker = field(default_factory=lambda: Breaker(0, 1.0), repr=False)
-    tripped: bool = False
-    waiting: int = 0
-    progress_at: float = 0.0
-    # Tasks waiting for an answer from it (`sent`), cancelled when it stalls.
-    _waiters: set[asyncio.Task[Any]] = field(default_factory=set, repr=False, init=False)
-    # The stall check's timer: armed while something waits on it (`Router.sent`).
-    _stall_timer: asyncio.TimerHandle | None = field(default=None, repr=False, init=False)
-    # Waiters of `Router.wait_idle`, woken when `outstanding` drops to 0.
-    _idle_waiters: list[asyncio.Event] = field(default_factory=list, repr=False, init=False)
-    # Removed from the topology but still serving requests: forgotten once idle.
-    _retired: bool = field(default=False, repr=False, init=False)
-
-
-def _upstream_for(spec: InstanceSpec) -> Upstream:
-    return Upstream(
-        name=spec.name, role=spec.role, base_url=spec.base_url, kv_address=spec.kv_address
-    )
-
-
-class Lease:
-    """One request's hold on an upstream: counted in flight from enter to exit.
-
-    `move` hands the hold to another upstream (the old one is released, the new
-    one acquired), so the one ``with`` block that took the lease always releases
-    whichever upstream it holds at the end.
-
-    Attributes:
-        up: the upstream held now.
-    """
-
-    __slots__ = ("_router", "up")
-
-    def __init__(self, router: Router, up: Upstream) -> None:
-        self._router = router
-        self.up = up
-
-    def __enter__(self) -> Lease:
-        self._router.acquire(self.up)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._router.release(self.up)
-
-    def move(self, other: Upstream) -> None:
-        """Hold `other` instead of the current upstream."""
-        self._router.release(self.up)
-        self.up = other
-        self._router.acquire(other)
 
 
 class Router:
@@ -148,7 +73,7 @@ class Router:
         self.abandoned: set[asyncio.Task[Any]] = set()
         self.cache = PrefixRouting()  # prefix index and sessions (cache_aware, affinity)
         for name, spec in build_specs(topo).items():
-            self._by_name[name] = _upstream_for(spec)
+            self._by_name[name] = upstream_for(spec)
         self._apply_policies(topo)
         self._reindex()
 
@@ -171,7 +96,7 @@ class Router:
         table: dict[str, Upstream] = {}
         self._pending = {}
         for name, spec in wanted.items():
-            fresh = _upstream_for(spec)
+            fresh = upstream_for(spec)
             old = self._by_name.get(name)
             if old is not None and not old._retired:
                 same = (old.role, old.base_url, old.kv_address) == (
@@ -235,12 +160,19 @@ class Router:
     def set_ready(self, name: str, ready: bool) -> None:
         """Mark an instance ready or not; unknown names are ignored (a stale callback)."""
         up = self._by_name.get(name)
-        if up is not None:
-            up.ready = ready
-            if ready:
-                self._wake(up.role)
-            else:
-                self.cache.forget(name)  # a restarted engine's cache is empty
+        if up is None:
+            return
+        was, up.ready = up.ready, ready
+        if not ready:
+            self.cache.forget(name)  # a restarted engine's cache is empty
+            return
+        if not was and up.breaker.success() is not None:
+            # Back from not ready (restarted, or a partition healed): the health check
+            # just passed, so the passive breaker's old verdict is stale (Envoy's
+            # outlier detection un-ejects on a passing active check the same way).
+            up.tripped = False
+            log.info("breaker_closed", instance=name, reason="health check passed")
+        self._wake(up.role)
 
     def set_draining(self, name: str, draining: bool) -> None:
         """Take an instance out of (or back into) rotation; requests in flight continue."""

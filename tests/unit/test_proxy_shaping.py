@@ -25,9 +25,9 @@ from disaggd.proxy.request import (
     parse_request,
     prompt_chars,
 )
-from disaggd.proxy.router import Upstream
 from disaggd.proxy.settings import Settings
 from disaggd.proxy.sse import event_end, synthesize_stream
+from disaggd.proxy.upstream import Upstream
 from disaggd.topology import Role, connectors, parse_config
 from disaggd.topology.connectors import Handoff
 from tests.harness.common import standin_topology

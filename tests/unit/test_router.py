@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from disaggd.proxy.router import Router, Upstream
+from disaggd.proxy.breaker import BreakerState
+from disaggd.proxy.router import Router
+from disaggd.proxy.upstream import Upstream
 from disaggd.topology import Role, Topology, parse_config
 from disaggd.topology.spec import build_specs
 from tests.harness.common import standin_topology
@@ -285,3 +287,18 @@ def test_why_none_names_each_instance_and_its_reason(tmp_path: Path) -> None:
     assert router.why_none(Role.DECODE) == (
         "draining: decode-0; breaker open: decode-1; not ready: decode-2"
     )
+
+
+def test_a_passing_health_check_after_unready_closes_the_breaker(tmp_path: Path) -> None:
+    router = Router(_topo(tmp_path, prefill=1, decode=2, breaker_failures=1))
+    _ready_all(router)
+    up = router.get("decode-0")
+    assert up is not None
+    router.failed(up, "connect")  # a partition: its requests fail, the breaker opens
+    assert up.tripped and router.breaker_state("decode-0") is BreakerState.OPEN
+    router.set_ready("decode-0", True)  # no change of readiness: the breaker stays open
+    assert up.tripped
+    router.set_ready("decode-0", False)  # the probes noticed
+    router.set_ready("decode-0", True)  # ... and the link healed
+    assert not up.tripped and router.breaker_state("decode-0") is BreakerState.CLOSED
+    assert router.why_none(Role.DECODE) == ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 from yarl import URL
 
-from disaggd.proxy.router import Upstream
+from disaggd.proxy.upstream import Upstream
 
 
 def client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
