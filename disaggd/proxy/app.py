@@ -24,12 +24,14 @@ import quart
 
 from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
+from disaggd.observe.tracing import tracer_for
 from disaggd.proxy.admission import Admission
 from disaggd.proxy.clients import Upstreams, client_timeout
 from disaggd.proxy.errors import HTTPError, dumps, error_body
 from disaggd.proxy.failures import Failures, Fault, Leg, fault_of
 from disaggd.proxy.legs import Legs
 from disaggd.proxy.pipeline import Pipeline
+from disaggd.proxy.prefiller import Prefillers
 from disaggd.proxy.record import Accounting, Send
 from disaggd.proxy.reply import Replies
 from disaggd.proxy.request import INFERENCE_ROUTES, Receive, check_auth
@@ -133,13 +135,18 @@ class Proxy:
         acct = Accounting(metrics)
         self._failures = Failures(acct, router)
         admission = Admission(router, metrics)
+        prefillers = Prefillers(router, admission)
+        # [observe] otlp_endpoint: read once (a change needs a restart, topology.plan).
+        self._tracer = tracer_for(topo.observe.otlp_endpoint)
         self._pipeline = Pipeline(
             self._live,
             router,
-            Legs(router, self._upstreams, acct, self._failures, admission),
+            Legs(router, self._upstreams, acct, self._failures, prefillers),
             Replies(acct, self._failures),
             acct,
             admission=admission,
+            prefillers=prefillers,
+            tracer=self._tracer,
         )
         self._started = int(time.time())
         metrics.inflight.set_function(lambda: self._live.inflight)
@@ -230,6 +237,8 @@ class Proxy:
     async def aclose(self) -> None:
         """Close every pooled upstream client (and their idle connections)."""
         await self._upstreams.aclose()
+        # Export the spans still queued (the SDK's thread; off the loop).
+        await asyncio.to_thread(self._tracer.shutdown)
 
     # -- ASGI entry ------------------------------------------------------------------------
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import aiohttp
 
-from disaggd.proxy.admission import Admission
+from disaggd.observe.tracing import LegSpan
 from disaggd.proxy.clients import Upstreams, client_timeout, done_with
 from disaggd.proxy.errors import Passthrough, gateway_timeout
 from disaggd.proxy.failures import Failures, Fault, Leg, Rule, fault_of, status_fault
+from disaggd.proxy.prefiller import Prefillers
 from disaggd.proxy.record import Accounting, Record
 from disaggd.proxy.router import Router
 from disaggd.proxy.upstream import Lease, Upstream
@@ -60,13 +61,13 @@ class Legs:
         upstreams: Upstreams,
         accounting: Accounting,
         failures: Failures,
-        admission: Admission,
+        prefillers: Prefillers,
     ) -> None:
         self._router = router
         self._up = upstreams
         self._acct = accounting
         self._failures = failures
-        self._admission = admission
+        self._prefillers = prefillers
 
     def _abandoned(self) -> bool:
         """Whether the current task was cancelled because its upstream stalled
@@ -85,15 +86,23 @@ class Legs:
             rec.base_rid, rec.retries, rec.client_rid, prefill, decode
         )
 
-    def _headers(self, rec: Record) -> dict[str, str]:
-        # Built from scratch: no client header (hop-by-hop or other) reaches an engine.
-        h = {"Content-Type": "application/json", "X-Request-Id": rec.rid}
+    def _headers(self, rec: Record, span: LegSpan) -> dict[str, str]:
+        # Built from scratch: no client header (hop-by-hop or other) reaches an engine,
+        # except the trace context, with this leg's own span as the engine's parent.
+        h = {
+            "Content-Type": "application/json",
+            "X-Request-Id": rec.rid,
+            "traceparent": span.traceparent,
+        }
         if rec.auth is not None:
             h["Authorization"] = rec.auth
+        if rec.trace.state is not None:
+            h["tracestate"] = rec.trace.state
         return h
 
     async def prefill(self, rec: Record, decode: Upstream) -> dict[str, Any] | None:
-        """Run the prefill leg, trying every ready prefill in turn.
+        """Run the prefill leg, trying every ready prefill in turn (only the one
+        llm-d's ``x-prefiller-host-port`` names, when it does: `Prefillers.take`).
 
         Returns:
             The prefill's result (``rec.rid`` is the id it ran under), or None
@@ -105,7 +114,7 @@ class Legs:
         body = rec.s.handoff.prefill_body(rec.req)
         tried: list[str] = []
         while True:
-            up = await self._admission.take(rec, Role.PREFILL, tried, required=False)
+            up = await self._prefillers.take(rec, tried)
             if up is None:
                 return None
             if tried:
@@ -125,7 +134,7 @@ class Legs:
             raise gateway_timeout()
         total = min(rec.s.proxy.prefill_timeout, remaining)
         router = self._router
-        with router.hold(up):
+        with router.hold(up), rec.trace.leg("prefill", up.name) as span:
             t = time.monotonic()
             resp: aiohttp.ClientResponse | None = None
             router.sent(up)
@@ -133,9 +142,10 @@ class Legs:
                 resp = await self._up.session(up).post(
                     self._up.url(up, rec.route),
                     data=body,
-                    headers=self._headers(rec),
+                    headers=self._headers(rec, span),
                     timeout=client_timeout(total, rec.s.connect_timeout),
                 )
+                span.status = resp.status
                 data = await resp.read()
             except (asyncio.TimeoutError, aiohttp.ClientError, asyncio.CancelledError) as exc:
                 self._prefill_failed(rec, up, exc, total >= remaining)
@@ -209,20 +219,29 @@ class Legs:
         while True:
             up = held.up
             rec.decode = up.name
-            resp = await self._open_decode(rec, up, body, pinned, tried)
-            if isinstance(resp, Upstream):
-                held.move(resp)
-                self._acct.retry(rec, "decode")
-                self.attempt(rec, None, resp)
-                continue
-            try:
-                yield up, resp
-            finally:
-                done_with(resp)
-            return
+            with rec.trace.leg("decode", up.name) as span:
+                resp = await self._open_decode(rec, up, body, pinned, tried, span=span)
+                if isinstance(resp, Upstream):
+                    held.move(resp)
+                    self._acct.retry(rec, "decode")
+                    self.attempt(rec, None, resp)
+                    continue
+                span.status = resp.status
+                try:
+                    yield up, resp
+                finally:
+                    done_with(resp)
+                return
 
     async def _open_decode(
-        self, rec: Record, up: Upstream, body: bytes, pinned: bool, tried: list[str]
+        self,
+        rec: Record,
+        up: Upstream,
+        body: bytes,
+        pinned: bool,
+        tried: list[str],
+        *,
+        span: LegSpan,
     ) -> aiohttp.ClientResponse | Upstream:
         """Send the decode leg to `up`: its response, or the next decode to try
         when `up` could not be connected to (`up` is appended to `tried`)."""
@@ -235,7 +254,7 @@ class Legs:
             resp = await self._up.session(up).post(
                 self._up.url(up, rec.route),
                 data=body,
-                headers=self._headers(rec),
+                headers=self._headers(rec, span),
                 timeout=client_timeout(remaining, rec.s.connect_timeout),
             )
         except asyncio.CancelledError:

@@ -31,9 +31,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from disaggd.observe.logs import get_logger
+from disaggd.observe.tracing import Tracer
 from disaggd.proxy.admission import Admission
 from disaggd.proxy.errors import HTTPError, body_timeout, too_large, unavailable, unencodable
 from disaggd.proxy.legs import Legs, first_finish
+from disaggd.proxy.prefiller import Prefillers
 from disaggd.proxy.prefix import BLOCK_CHARS, route_key
 from disaggd.proxy.record import Accounting, Decision, Record, Send
 from disaggd.proxy.reply import Replies
@@ -70,8 +72,12 @@ def decide(rec: Record) -> tuple[Decision, str]:
     fewer than ``decode_only_uncached_below_chars`` characters of the prompt
     (``cached``: llm-d's prefix-based decider), else for a prompt under
     ``decode_only_below_chars`` (``short``), or a batch the connector cannot hand
-    off in one piece (``batch``); otherwise ``disaggregated`` (``uncached``).
+    off in one piece (``batch``); otherwise ``disaggregated`` (``uncached``, or
+    ``header``: llm-d's ``x-prefiller-host-port`` named the prefill).
     """
+    splits = rec.s.handoff.splits_batches
+    if rec.prefiller is not None and (splits or not is_batch(rec.route, rec.req)):
+        return "disaggregated", "header"
     p = rec.s.proxy
     uncached_below, below = p.decode_only_uncached_below_chars, p.decode_only_below_chars
     chars = prompt_chars(rec.route, rec.req) if uncached_below or below else 0
@@ -80,9 +86,23 @@ def decide(rec: Record) -> tuple[Decision, str]:
         return "decode_only", "cached"
     if below and chars < below:
         return "decode_only", "short"
-    if not rec.s.handoff.splits_batches and is_batch(rec.route, rec.req):
+    if not splits and is_batch(rec.route, rec.req):
         return "decode_only", "batch"
     return "disaggregated", "uncached"
+
+
+def _end_trace(rec: Record) -> None:
+    """End the request's span (`disaggd.observe.tracing`) with what the request became."""
+    if not rec.trace.recording:
+        return
+    attrs = {
+        "request_id": rec.rid,
+        "decision": rec.decision,
+        "prefill": rec.prefill,
+        "decode": rec.decode,
+        "retries": rec.retries,
+    }
+    rec.trace.end(rec.status, rec.error, rec.ttft, attrs)
 
 
 class Pipeline:
@@ -97,6 +117,8 @@ class Pipeline:
         accounting: Accounting,
         *,
         admission: Admission,
+        prefillers: Prefillers,
+        tracer: Tracer,
     ) -> None:
         self._live = live
         self._router = router
@@ -104,6 +126,8 @@ class Pipeline:
         self._replies = replies
         self._acct = accounting
         self._admission = admission
+        self._prefillers = prefillers
+        self._tracer = tracer
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         """Serve one request on `route`; never raises except on the server's own cancel."""
@@ -150,6 +174,7 @@ class Pipeline:
                 watcher.cancel()
             live.leave()
             self._acct.done(rec)
+            _end_trace(rec)
 
     async def _flow(self, rec: Record) -> None:
         """decide → prefill leg → decode leg → reply; the decode is held throughout."""
@@ -202,6 +227,7 @@ class Pipeline:
         """
         head = Head(scope)
         rec.identify(head.client_rid)
+        rec.trace = self._tracer.start(head.traceparent, head.tracestate, rec.route, rec.t0)
         s = rec.s
         if head.method != "POST":
             raise HTTPError(
@@ -220,6 +246,7 @@ class Pipeline:
             )
         if s.auth_required:
             check_auth(head.auth, s.api_key)
+        rec.prefiller = self._prefillers.resolve(head.prefiller, s.proxy.allow_prefiller_header)
         limit = s.proxy.max_body_bytes
         if head.length is not None and head.length > limit:
             raise too_large(limit)

@@ -14,10 +14,12 @@ from typing import Any, Literal
 
 from disaggd.observe.logs import get_logger
 from disaggd.observe.metrics import Metrics
+from disaggd.observe.tracing import UNSTARTED, RequestTrace
 from disaggd.proxy.kvcheck import VERDICTS, kv_verdict
 from disaggd.proxy.prefix import RouteKey
 from disaggd.proxy.request import INFERENCE_ROUTES
 from disaggd.proxy.settings import Settings
+from disaggd.proxy.upstream import Upstream
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Decision = Literal["disaggregated", "decode_only", "fallback", "prefill_only", "none"]
@@ -75,6 +77,7 @@ class Record:
         "last_sent",
         "prefill",
         "prefill_ms",
+        "prefiller",
         "prompt_tokens",
         "raw",
         "reason",
@@ -89,6 +92,7 @@ class Record:
         "status",
         "stream",
         "t0",
+        "trace",
         "ttft",
     )
 
@@ -122,6 +126,9 @@ class Record:
         self.kv: str | None = None
         self.key: RouteKey | None = None  # prefix and session routing (disaggd.proxy.prefix)
         self.reason: str | None = None  # why `decision` was taken (disagg_decision_total)
+        # The prefill llm-d's x-prefiller-host-port names (disaggd.proxy.prefiller), or None.
+        self.prefiller: Upstream | None = None
+        self.trace: RequestTrace = UNSTARTED  # started by the gate (disaggd.observe.tracing)
 
     def identify(self, client_rid: str | None) -> None:
         """Take the client's ``X-Request-Id`` as the request's id, or make a fresh one."""
@@ -208,7 +215,7 @@ class Accounting:
     def _count_routing(self, rec: Record) -> None:
         """``disaggd_disagg_decision_total`` and ``disaggd_routed_total`` of a request."""
         if rec.reason is not None:
-            kind = "prefill-decode" if rec.reason == "uncached" else "decode-only"
+            kind = "prefill-decode" if rec.reason in ("uncached", "header") else "decode-only"
             _child(self._decided, self.metrics.disagg_decision, kind, rec.reason).inc()
         if rec.key is not None:
             for role, why in rec.key.why.items():

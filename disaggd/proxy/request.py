@@ -50,15 +50,22 @@ class Head:
         client_rid: the client's ``X-Request-Id`` when usable (printable, at most
             256 characters), else None.
         length: ``Content-Length`` when present and numeric, else None.
+        prefiller: llm-d's ``x-prefiller-host-port`` (several lines joined with ``,``),
+            else None (`disaggd.proxy.prefiller`).
+        traceparent / tracestate: W3C Trace Context, as sent, else None
+            (`disaggd.observe.tracing`; several tracestate lines joined with ``,``).
     """
 
-    __slots__ = ("auth", "client_rid", "length", "method")
+    __slots__ = ("auth", "client_rid", "length", "method", "prefiller", "traceparent", "tracestate")
 
     def __init__(self, scope: Scope) -> None:
         self.method: str = scope["method"]
         self.auth: str | None = None
         self.client_rid: str | None = None
         self.length: int | None = None
+        self.prefiller: str | None = None
+        self.traceparent: str | None = None
+        self.tracestate: str | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 self.auth = value.decode("latin-1")
@@ -71,6 +78,18 @@ class Head:
                     self.length = int(value)
                 except ValueError:
                     self.length = None
+            elif name == b"traceparent":
+                self.traceparent = value.decode("latin-1")
+            elif name == b"tracestate":
+                self.tracestate = _joined(self.tracestate, value)
+            elif name == b"x-prefiller-host-port":
+                self.prefiller = _joined(self.prefiller, value)
+
+
+def _joined(prev: str | None, value: bytes) -> str:
+    """A repeated header's lines as one comma-separated value (RFC 9110 5.3)."""
+    text = value.decode("latin-1")
+    return text if prev is None else f"{prev},{text}"
 
 
 def check_auth(header: str | None, key: bytes | None) -> None:

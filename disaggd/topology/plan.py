@@ -56,6 +56,7 @@ class ReloadPlan:
 _NEEDS_RESTART = (
     ("proxy", ("host", "port")),
     ("daemon", ("control_socket", "state_dir", "log_format", "log_level", "watch")),
+    ("observe", ("otlp_endpoint",)),
 )
 
 

@@ -357,6 +357,12 @@ class ProxySection(_Section):
         description="Keep a session (X-Session-Id header, else the body's 'user') on the "
         "instances that served it while they are eligible and within the balance rule.",
     )
+    allow_prefiller_header: Flag = Field(
+        default=False,
+        description="llm-d's x-prefiller-host-port may name a prefill that is not in the "
+        "topology (an ad-hoc upstream; a client-chosen address is an SSRF risk). Off: "
+        "such a request gets 400; a configured instance's host:port is always honoured.",
+    )
 
 
 class DaemonSection(_Section):
@@ -394,6 +400,29 @@ class DaemonSection(_Section):
         return self.instance_dir(name) / "tmp"
 
 
+class ObserveSection(_Section):
+    """``[observe]``: tracing (disaggd.observe.tracing)."""
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318): spans are "
+        "exported to {otlp_endpoint}/v1/traces. Unset: no export (traceparent is still "
+        "propagated to both legs).",
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return v.rstrip("/")
+
+
 class Topology(_Section):
     """The whole validated topology file."""
 
@@ -404,6 +433,7 @@ class Topology(_Section):
     supervisor: SupervisorSection = SupervisorSection()
     proxy: ProxySection = ProxySection()
     daemon: DaemonSection = DaemonSection()
+    observe: ObserveSection = ObserveSection()
 
     def instance(self, name: str) -> InstanceSection:
         """The instance called `name`; raises KeyError."""

@@ -475,6 +475,7 @@ _LEG_HEADERS = {
     "x-request-id",
     "accept",
     "accept-encoding",
+    "traceparent",  # W3C Trace Context: each leg's own span (disaggd.observe.tracing)
     "authorization",
     "connection",
 }
