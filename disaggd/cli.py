@@ -31,6 +31,8 @@ EX_FAILURE = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
+#: A shell's status for a command ended by SIGPIPE (128 + 13).
+EX_SIGPIPE = 141
 
 ENV_CONFIG = "DISAGGD_CONFIG"
 
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="an instance's recent output; -f follows it")
     with_socket(p)
     p.add_argument("name", help="instance name")
-    p.add_argument("-n", "--lines", type=int, default=10, help="recent lines (default 10)")
+    p.add_argument("-n", "--lines", type=_count, default=10, help="recent lines (default 10)")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines until Ctrl-C")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -149,6 +151,17 @@ STOP_NOTE = (
 )
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number of lines, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `disaggd` console script; returns the exit status."""
     parser = build_parser()
@@ -171,9 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _cmd_export,
     }[args.command]
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `disaggd logs NAME | head`: the reader is gone; end quietly like `cat` does.
+        # Point stdout at /dev/null so that flushing it at exit raises nothing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_SIGPIPE
+    return status
 
 
 def _load(path: Path | None) -> Topology | int:

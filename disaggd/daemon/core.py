@@ -197,11 +197,6 @@ class Daemon:
                         name="proxy",
                     )
                     await _first(bound.wait(), self._stop.wait(), proxy_task)
-                    if bound.is_set():
-                        log.info(
-                            "proxy_listening",
-                            url=self._proxy_url,
-                        )
                     spawn(self._reload_loop(), "reload")
                     spawn(LoopLag(self.metrics).run(), "loop-lag")
                     interval = watchdog_interval()
@@ -328,7 +323,9 @@ class Daemon:
         self.topo = new
         if self.endpoints is not None:
             self.endpoints.refresh()  # a changed [daemon].endpoints_file applies now
-        log.info(
+        # A rollout that stopped at an instance that did not come back is a warning:
+        # `journalctl -p warning` must show it.
+        (log.warning if outcome.failed else log.info)(
             "reload_applied",
             trigger=trigger,
             ok=not outcome.failed,

@@ -261,11 +261,21 @@ async def _drain_one(daemon: Daemon, name: str) -> Result:
     message = f"drained (out of rotation; {left} request(s) still in flight)"
     role = up.role if up is not None else None
     if role is not None and daemon.router.ready_count(role) == 0:
-        message += (
-            f"; WARNING: no {role.value} instance is routable now: the proxy answers 503 "
-            f"'no {role.value} instance is ready' until `disaggd undrain {name}`"
-        )
+        message += f"; WARNING: {_none_routable(daemon, role.value)} until `disaggd undrain {name}`"
     return True, message
+
+
+def _none_routable(daemon: Daemon, role: str) -> str:
+    """What the proxy does once no instance of `role` can be picked (README's contract)."""
+    if role == "prefill" and daemon.topo.proxy.prefill_fallback == "decode":
+        return (
+            "no prefill instance is routable now: requests are served decode-only "
+            "(prefill_fallback = \"decode\")"
+        )
+    return (
+        f"no {role} instance is routable now: the proxy answers 503 "
+        f"'no {role} instance is ready'"
+    )
 
 
 async def _undrain_one(daemon: Daemon, name: str) -> Result:
