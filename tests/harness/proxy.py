@@ -16,21 +16,43 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from disaggd.observe.metrics import Metrics
 from disaggd.proxy.app import Proxy, bind_listener
 from disaggd.proxy.router import Router
 from disaggd.topology import Topology, parse_config
 from disaggd.topology.spec import build_spec
-from tests.harness.common import free_port
+from tests.harness.common import free_port, standin_topology
 
 MODEL = "standin-model"
+
+
+def running(c: Cluster) -> Iterator[Cluster]:
+    """A module fixture's body: `c` started, yielded, then stopped (even on failure)."""
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def standin_cluster(
+    factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    **topology: Any,
+) -> Iterator[Cluster]:
+    """`running` for the stand-in engines of ``standin_topology(tmp, **topology)``."""
+    tmp = factory.mktemp(name)
+    yield from running(Cluster(tmp, standin_topology(tmp, **topology), env=env))
 
 
 class Cluster:

@@ -14,25 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness.common import standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, standin_cluster
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("admission")
-    c = Cluster(tmp, standin_topology(tmp, prefill=2, decode=1))
-    c.start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(autouse=True)
-async def _clean(cluster: Cluster) -> None:
-    await cluster.clear()
-    await cluster.reset_faults()
+    yield from standin_cluster(tmp_path_factory, "admission", prefill=2, decode=1)
 
 
 async def _post(s: aiohttp.ClientSession, base: str, prompt: str = PROMPT, **kw: Any) -> Any:

@@ -12,17 +12,12 @@ import aiohttp
 import pytest
 
 from disaggd.observe.looplag import LoopLag
-from tests.harness.common import standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, standin_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("bigbodies")
-    c = Cluster(tmp, standin_topology(tmp, prefill=1, decode=1))
-    c.start()
-    yield c
-    c.stop()
+    yield from standin_cluster(tmp_path_factory, "bigbodies", prefill=1, decode=1)
 
 
 async def test_three_7mb_bodies_keep_the_loop_responsive(cluster: Cluster) -> None:

@@ -10,19 +10,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness.common import standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events, standin_cluster
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("endings")
-    c = Cluster(tmp, standin_topology(tmp, prefill=1, decode=1))
-    c.start()
-    yield c
-    c.stop()
+    yield from standin_cluster(tmp_path_factory, "endings", prefill=1, decode=1)
 
 
 async def _post(base: str, body: dict[str, Any], route: str = "/v1/completions") -> Any:

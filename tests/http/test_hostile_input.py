@@ -12,19 +12,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness.common import standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, standin_cluster
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    c = Cluster(tmp, standin_topology(tmp, prefill=1, decode=1))
-    c.start()
-    yield c
-    c.stop()
+    yield from standin_cluster(tmp_path_factory, "hostile", prefill=1, decode=1)
 
 
 def _bodies() -> list[bytes]:

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from disaggd.observe.tracing import parse_traceparent
 from disaggd.topology import ObserveSection, Topology, parse_config
-from tests.harness.common import free_port, standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events
+from tests.harness.common import free_port
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events, standin_cluster
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4
 HEADER = "x-prefiller-host-port"
@@ -22,17 +22,7 @@ HEADER = "x-prefiller-host-port"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("llmd")
-    c = Cluster(tmp, standin_topology(tmp, prefill=2, decode=1))
-    c.start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(autouse=True)
-async def _clean(cluster: Cluster) -> None:
-    await cluster.clear()
-    await cluster.reset_faults()
+    yield from standin_cluster(tmp_path_factory, "llmd", prefill=2, decode=1)
 
 
 async def _post(base: str, headers: dict[str, str], **extra: Any) -> tuple[int, Any]:

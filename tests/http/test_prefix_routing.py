@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.harness.common import standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy
+from tests.harness.proxy import MODEL, Cluster, running, serve_proxy
 
 #: A prefix of 60 words (~420 characters, 6 blocks of the proxy's index).
 PREFIX = " ".join(f"shared{i}" for i in range(60))
@@ -26,16 +26,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         decode=1,
         model_args=["--max-model-len", "400", "--enable-prompt-tokens-details"],
     )
-    c = Cluster(tmp, doc, env={"STANDIN_PREFIX_CACHE_BLOCKS": "256"})
-    c.start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(autouse=True)
-async def _clean(cluster: Cluster) -> None:
-    await cluster.clear()
-    await cluster.reset_faults()
+    yield from running(Cluster(tmp, doc, env={"STANDIN_PREFIX_CACHE_BLOCKS": "256"}))
 
 
 async def _complete(

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from disaggd.topology import parse_config
 from tests.harness.common import free_port, standin_topology
-from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events
+from tests.harness.proxy import MODEL, Cluster, serve_proxy, sse_events, standin_cluster
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words
 
@@ -28,22 +28,9 @@ PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """2 prefills + 2 decodes, NIXL-style kv_transfer_params, 100-token context."""
-    tmp = tmp_path_factory.mktemp("p2d2")
-    doc = standin_topology(tmp, prefill=2, decode=2, model_args=["--max-model-len", "100"])
-    c = Cluster(tmp, doc)
-    c.start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(autouse=True)
-async def _clean(request: pytest.FixtureRequest) -> None:
-    """Every test starts with empty request records and no faults."""
-    for name in ("cluster", "p2p", "storage"):
-        if name in request.fixturenames:
-            c: Cluster = request.getfixturevalue(name)
-            await c.clear()
-            await c.reset_faults()
+    yield from standin_cluster(
+        tmp_path_factory, "p2d2", prefill=2, decode=2, model_args=["--max-model-len", "100"]
+    )
 
 
 def _body(route: str, stream: bool, **extra: object) -> dict[str, object]:
@@ -326,20 +313,12 @@ async def test_min_tokens_request_is_not_answered_by_a_stopping_prefill(cluster:
 
 @pytest.fixture(scope="module")
 def p2p(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("p2p")
-    c = Cluster(tmp, standin_topology(tmp, connector="P2pNcclConnector"))
-    c.start()
-    yield c
-    c.stop()
+    yield from standin_cluster(tmp_path_factory, "p2p", connector="P2pNcclConnector")
 
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("storage")
-    c = Cluster(tmp, standin_topology(tmp, connector="ExampleConnector"))
-    c.start()
-    yield c
-    c.stop()
+    yield from standin_cluster(tmp_path_factory, "storage", connector="ExampleConnector")
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -13,7 +13,15 @@ import aiohttp
 import pytest
 
 from tests.harness.common import async_wait_for, free_port, standin_topology
-from tests.harness.proxy import MODEL, Cluster, Running, established_to, serve_proxy, sse_events
+from tests.harness.proxy import (
+    MODEL,
+    Cluster,
+    Running,
+    established_to,
+    running,
+    serve_proxy,
+    sse_events,
+)
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words
 
@@ -38,16 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "kv_port": free_port(),
         },
     ]
-    c = Cluster(tmp, doc)
-    c.start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(autouse=True)
-async def _clean(cluster: Cluster) -> None:
-    await cluster.clear()
-    await cluster.reset_faults()
+    yield from running(Cluster(tmp, doc))
 
 
 def _error(body: bytes) -> dict[str, Any]:
