@@ -16,7 +16,8 @@
 * `settings` — what the proxy reads from the topology; drain admission;
 * `clients` — pooled HTTP clients toward the instances;
 * `upstream` — one instance as the proxy sees it, and a request's hold on it;
-* `breaker` — passive health: one breaker per instance (pure state machine);
+* `breaker` — one breaker per instance (pure state machine);
+* `passive` — passive health: what the legs report, stalls, and when a breaker trips;
 * `prefix` — cache-aware choice: the prompt-prefix index, balance rule, session affinity;
 * `router` — which instance gets the next request.
 """

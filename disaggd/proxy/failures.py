@@ -203,7 +203,7 @@ class Failures:
         if self._router is not None and fault in BREAKER_FAULTS and leg is not Leg.MODELS:
             upstream = self._router.get(up)
             if upstream is not None:
-                self._router.failed(upstream, rule.kind)
+                self._router.health.failed(upstream, rule.kind)
         if rec is not None:
             rec.error = rule.tag.format(up=up, exc=exc, exc_type=type(exc).__name__, status=status)
         return rule

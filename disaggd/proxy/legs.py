@@ -73,9 +73,9 @@ class Legs:
         """Whether the current task was cancelled because its upstream stalled
         (`Router.abandon`): then the cancel is taken back and the leg fails over."""
         task = asyncio.current_task()
-        if task is None or task not in self._router.abandoned:
+        if task is None or task not in self._router.health.abandoned:
             return False
-        self._router.abandoned.discard(task)
+        self._router.health.abandoned.discard(task)
         if sys.version_info >= (3, 11):
             task.uncancel()
         return True
@@ -137,7 +137,7 @@ class Legs:
         with router.hold(up), rec.trace.leg("prefill", up.name) as span:
             t = time.monotonic()
             resp: aiohttp.ClientResponse | None = None
-            router.sent(up)
+            router.health.sent(up)
             try:
                 resp = await self._up.session(up).post(
                     self._up.url(up, rec.route),
@@ -151,7 +151,7 @@ class Legs:
                 self._prefill_failed(rec, up, exc, total >= remaining)
                 return None
             finally:
-                router.answered(up)
+                router.health.answered(up)
                 if resp is not None:
                     done_with(resp)
                 self._acct.prefill_leg(rec, up.name, time.monotonic() - t)
@@ -179,7 +179,7 @@ class Legs:
     ) -> dict[str, Any] | None:
         status = resp.status
         if status < 500:
-            self._router.succeeded(up)  # it answers: a 4xx is the request's fault
+            self._router.health.succeeded(up)  # it answers: a 4xx is the request's fault
         if status != 200:
             rule = self._failures.fail(
                 rec, Leg.PREFILL, status_fault(status), up.name, status=status
@@ -249,7 +249,7 @@ class Legs:
         if remaining <= 0:
             raise gateway_timeout()
         router = self._router
-        router.sent(up)
+        router.health.sent(up)
         try:
             resp = await self._up.session(up).post(
                 self._up.url(up, rec.route),
@@ -269,9 +269,9 @@ class Legs:
             rule = self._failures.fail(rec, Leg.DECODE, fault_of(exc), up.name, exc)
             return self._next_decode(up, exc, rule, pinned, tried)
         finally:
-            router.answered(up)
+            router.health.answered(up)
         if resp.status < 500:
-            router.succeeded(up)
+            router.health.succeeded(up)
         return resp
 
     def _next_decode(

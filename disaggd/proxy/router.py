@@ -28,10 +28,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Collection
-from typing import Any, Literal
+from typing import Literal
 
 from disaggd.observe.logs import get_logger
 from disaggd.proxy.breaker import BreakerState
+from disaggd.proxy.passive import PassiveHealth
 from disaggd.proxy.prefix import PrefixRouting, RouteKey
 from disaggd.proxy.upstream import Lease, Upstream, upstream_for
 from disaggd.topology import Role, Topology
@@ -40,10 +41,6 @@ from disaggd.topology.spec import build_specs
 Policy = Literal["least_outstanding", "round_robin", "cache_aware"]
 
 log = get_logger("disaggd.proxy")
-
-#: Legs that must be waiting on an instance, none answered for ``stall_timeout``, to call
-#: it stalled (a lone long prefill is not).
-STALL_MIN_WAITING = 2
 
 
 class Router:
@@ -63,14 +60,13 @@ class Router:
         }
         self._limit: dict[Role, int] = {Role.PREFILL: 0, Role.DECODE: 0}
         self._breaker = (0, 1.0)  # (threshold, cooldown)
-        self._stall = 0.0
         # Requests waiting for a slot under the in-flight limit (`wait_slot`), per role.
         self._slot_waiters: dict[Role, deque[asyncio.Future[None]]] = {
             Role.PREFILL: deque(),
             Role.DECODE: deque(),
         }
-        # Tasks `abandon` cancelled because their upstream stalled (they uncancel).
-        self.abandoned: set[asyncio.Task[Any]] = set()
+        #: Passive health: what the legs report (sent, answered, succeeded, failed).
+        self.health = PassiveHealth(self._wake)
         self.cache = PrefixRouting()  # prefix index and sessions (cache_aware, affinity)
         for name, spec in build_specs(topo).items():
             self._by_name[name] = upstream_for(spec)
@@ -138,7 +134,7 @@ class Router:
         self._limit[Role.PREFILL] = p.prefill_max_inflight
         self._limit[Role.DECODE] = p.decode_max_inflight
         self._breaker = (p.breaker_failures, p.breaker_cooldown)
-        self._stall = p.stall_timeout
+        self.health.stall = p.stall_timeout
         self.cache.configure(p)
         for up in self._by_name.values():
             up.breaker.threshold, up.breaker.cooldown = self._breaker
@@ -235,8 +231,7 @@ class Router:
         """Ready, not draining, not stalled, breaker letting requests through."""
         if not up.ready or up.draining:
             return False
-        if up.waiting >= STALL_MIN_WAITING and self._stall and now - up.progress_at > self._stall:
-            self._trip(up, now, "stall")
+        self.health.check_stall(up, now)
         return not up.tripped or up.breaker.can_pass(now)
 
     def full(self, role: Role, exclude: Collection[str] = ()) -> bool:
@@ -280,81 +275,6 @@ class Router:
             if not fut.done():
                 fut.set_result(None)
                 return
-
-    # -- passive health ------------------------------------------------------------------
-
-    def sent(self, up: Upstream) -> None:
-        """A leg was sent to `up` and waits for its answer (the current task)."""
-        if up.waiting == 0:
-            up.progress_at = time.monotonic()
-        up.waiting += 1
-        if self._stall and up._stall_timer is None:
-            # One timer per instance and stall period, not one per leg: it re-arms itself.
-            loop = asyncio.get_running_loop()
-            up._stall_timer = loop.call_later(self._stall, self._check_stall, up)
-        task = asyncio.current_task()
-        if task is not None:
-            up._waiters.add(task)
-
-    def answered(self, up: Upstream) -> None:
-        """`up` answered a leg that `sent` counted (or the leg gave up on it)."""
-        up.waiting = max(0, up.waiting - 1)
-        up.progress_at = time.monotonic()
-        task = asyncio.current_task()
-        if task is not None:
-            up._waiters.discard(task)
-
-    def _check_stall(self, up: Upstream) -> None:
-        """The stall timer fired: open `up`'s breaker if it answered nothing for
-        ``stall_timeout`` while owing answers; else look again when that could be."""
-        up._stall_timer = None
-        if not up.waiting or not self._stall:
-            return
-        now = time.monotonic()
-        due = up.progress_at + self._stall
-        # Two legs at least: one long prefill alone answers nothing for a while and is
-        # not a stall; an engine that batches answers its other requests meanwhile.
-        if now >= due and up.waiting >= STALL_MIN_WAITING:
-            self._trip(up, now, "stall")
-            due = now + self._stall
-        if up.waiting:
-            loop = asyncio.get_running_loop()
-            up._stall_timer = loop.call_later(max(due - now, 0.01), self._check_stall, up)
-
-    def succeeded(self, up: Upstream) -> None:
-        """A leg on `up` succeeded: its breaker closes."""
-        if up.breaker.success() is not None:
-            up.tripped = False
-            log.info("breaker_closed", instance=up.name)
-            self._wake(up.role)
-
-    def failed(self, up: Upstream, kind: str) -> None:
-        """A leg on `up` failed for `kind` (never a 4xx)."""
-        if up.breaker.failure(time.monotonic(), kind) is not None:
-            self._opened(up)
-
-    def _trip(self, up: Upstream, now: float, reason: str) -> None:
-        if up.breaker.threshold <= 0:
-            return  # the breaker is off: a stall is left to the timeouts
-        if up.breaker.trip(now, reason) is not None:
-            self._opened(up)
-        up.progress_at = now  # judged: the next stall needs another full period
-        # Legs still waiting on it go elsewhere (`abandoned` tells them why they were cancelled).
-        for task in list(up._waiters):
-            self.abandoned.add(task)
-            task.cancel()
-        up._waiters.clear()
-
-    def _opened(self, up: Upstream) -> None:
-        up.tripped = True
-        b = up.breaker
-        log.warning(
-            "breaker_opened",
-            instance=up.name,
-            reason=b.reason,
-            failures=b.failures,
-            cooldown=b.cooldown,
-        )
 
     def breaker_state(self, name: str) -> BreakerState | None:
         """The breaker state of instance `name`, or None when unknown."""

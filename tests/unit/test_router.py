@@ -282,8 +282,8 @@ def test_why_none_names_each_instance_and_its_reason(tmp_path: Path) -> None:
     router.set_ready("decode-2", False)
     up = router.get("decode-1")
     assert up is not None
-    router.failed(up, "http_5xx")
-    router.failed(up, "http_5xx")  # the second failure in a row opens its breaker
+    router.health.failed(up, "http_5xx")
+    router.health.failed(up, "http_5xx")  # the second failure in a row opens its breaker
     assert router.why_none(Role.DECODE) == (
         "draining: decode-0; breaker open: decode-1; not ready: decode-2"
     )
@@ -294,7 +294,7 @@ def test_a_passing_health_check_after_unready_closes_the_breaker(tmp_path: Path)
     _ready_all(router)
     up = router.get("decode-0")
     assert up is not None
-    router.failed(up, "connect")  # a partition: its requests fail, the breaker opens
+    router.health.failed(up, "connect")  # a partition: its requests fail, the breaker opens
     assert up.tripped and router.breaker_state("decode-0") is BreakerState.OPEN
     router.set_ready("decode-0", True)  # no change of readiness: the breaker stays open
     assert up.tripped
