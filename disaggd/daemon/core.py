@@ -173,7 +173,7 @@ class Daemon:
         return status
 
     async def _run_supervised(self, listener: socket.socket) -> int:
-        self._clean_storage()
+        clean_storage(self.topo)
         supervisor = Supervisor(self.topo, on_event=self._on_event)
         # The supervisor's topology: a reload's new one from the start of its rollout.
         self.endpoints = EndpointsFile(lambda: supervisor.topology, supervisor.statuses)
@@ -383,30 +383,28 @@ class Daemon:
             return {"ok": False, "error": f"no instance named {name!r} (known: {known})"}
         return await self.rollout.restart(name, self.topo.daemon.drain_timeout)
 
-    # -- housekeeping ----------------------------------------------------------------------
+def clean_storage(topo: Topology) -> None:
+    """Empty a storage connector's folder when it lies in our state directory.
 
-    def _clean_storage(self) -> None:
-        """Empty a storage connector's folder when it lies in our state directory.
+    ExampleConnector never deletes what it writes; a folder inside the state
+    directory belongs to this daemon and starts empty (topology says so).
+    """
+    raw = topo.kv_transfer.extra_config.get("shared_storage_path")
+    if not isinstance(raw, str):
+        return
+    from disaggd.topology.connectors import expand
+    from disaggd.topology.spec import placeholders
 
-        ExampleConnector never deletes what it writes; a folder inside the state
-        directory belongs to this daemon and starts empty (topology says so).
-        """
-        raw = self.topo.kv_transfer.extra_config.get("shared_storage_path")
-        if not isinstance(raw, str):
-            return
-        from disaggd.topology.connectors import expand
-        from disaggd.topology.spec import placeholders
+    path = Path(expand(raw, placeholders(topo))).resolve()
+    state = topo.daemon.state_dir.resolve()
+    if state not in path.parents:
+        return
+    import shutil
 
-        path = Path(expand(raw, placeholders(self.topo))).resolve()
-        state = self.topo.daemon.state_dir.resolve()
-        if state not in path.parents:
-            return
-        import shutil
-
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("kv_storage_cleaned", path=str(path))
-        path.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("kv_storage_cleaned", path=str(path))
+    path.mkdir(parents=True, exist_ok=True)
 
 
 async def _first(*aws: Any) -> Any:
