@@ -47,6 +47,7 @@ log = logs.get_logger("disaggd.daemon")
 EX_OK = 0
 EX_FAILURE = 1
 EX_UNAVAILABLE = 69
+EX_CONFIG = 78
 
 
 def run_daemon(
@@ -148,6 +149,12 @@ class Daemon:
             instances=len(self.topo.instances),
             connector=self.topo.kv_transfer.connector,
         )
+        missing = missing_api_key(self.topo)
+        if missing:
+            # Every request would be a 401 while /health says 200: refuse to start instead
+            # (78: systemd's RestartPreventExitStatus, like any other topology error).
+            log.error("api_key_missing", reason=missing)
+            return EX_CONFIG
         # The proxy's socket is bound before any child starts: a port in use fails at once,
         # and nothing can take it between a check and the bind.
         try:
@@ -313,6 +320,10 @@ class Daemon:
                 "ok": False,
                 "error": "invalid topology, nothing changed:\n" + "\n".join(problems),
             }
+        missing = missing_api_key(new)
+        if missing:
+            log.error("reload_rejected", trigger=trigger, problems=[missing])
+            return {"ok": False, "error": f"{missing}; nothing changed"}
         plan = diff(self.rollout.running, new, self.topo, self._started_topo)
         log.info("reload_plan", trigger=trigger, **plan.as_dict())
         outcome = Outcome(
@@ -405,6 +416,21 @@ def clean_storage(topo: Topology) -> None:
         shutil.rmtree(path, ignore_errors=True)
         log.info("kv_storage_cleaned", path=str(path))
     path.mkdir(parents=True, exist_ok=True)
+
+
+def missing_api_key(topo: Topology) -> str | None:
+    """Why the proxy could serve no one: ``[proxy].api_key_env`` names an unset variable.
+
+    The daemon's environment is read at start (systemd's ``EnvironmentFile=``); a reload
+    cannot bring a new variable in.
+    """
+    env = topo.proxy.api_key_env
+    if env is None or os.environ.get(env):
+        return None
+    return (
+        f"proxy.api_key_env names {env}, which is not set (or empty) in the daemon's "
+        "environment: every request would be refused"
+    )
 
 
 async def _first(*aws: Any) -> Any:

@@ -290,17 +290,28 @@ class Proxy:
         status = "draining" if not self._live.accepting else "not_ready"
         return _json(503, {"status": status, **body}, retry)
 
+    def _refused(self) -> quart.Response | None:
+        """A 401 for a GET view when the API key is required and not given, else None."""
+        s = self._live.settings
+        if not s.auth_required:
+            return None
+        try:
+            check_auth(quart.request.headers.get("Authorization"), s.api_key)
+        except HTTPError as err:
+            return _error(401, err.message, err.type, {"WWW-Authenticate": "Bearer"})
+        return None
+
     async def _metrics_view(self) -> quart.Response:
+        # The metrics name every instance and its load: behind the key unless opened.
+        if self._live.settings.proxy.metrics_require_key and (refused := self._refused()):
+            return refused
         return quart.Response(self._metrics.render(), status=200, content_type=Metrics.CONTENT_TYPE)
 
     async def _models(self) -> quart.Response:
+        if refused := self._refused():
+            return refused
         s = self._live.settings
         auth = quart.request.headers.get("Authorization")
-        if s.auth_required:
-            try:
-                check_auth(auth, s.api_key)
-            except HTTPError as err:
-                return _error(401, err.message, err.type, {"WWW-Authenticate": "Bearer"})
         up = self._router.pick(Role.DECODE)
         if up is not None:
             headers = {"Authorization": auth} if s.proxy.forward_authorization and auth else {}

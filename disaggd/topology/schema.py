@@ -287,6 +287,11 @@ class ProxySection(_Section):
     api_key_env: str | None = Field(
         default=None, description="Env var holding the API key clients must send."
     )
+    metrics_require_key: Flag = Field(
+        default=True,
+        description="With api_key_env set, GET /metrics needs the key too (Prometheus: "
+        "authorization.credentials). false: /metrics stays open.",
+    )
     forward_authorization: Flag = Field(
         default=False, description="Pass the client's Authorization header upstream."
     )

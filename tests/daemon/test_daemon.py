@@ -395,3 +395,30 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "disaggd.service" not in proc.stderr, proc.stderr  # no warning about our unit
     for line in ("Type=notify", "KillMode=mixed", "ExecReload=", "Restart=on-failure"):
         assert line in unit
+
+
+def test_an_unset_api_key_variable_is_refused_at_start_and_at_reload(tmp_path: Path) -> None:
+    # Every request would be a 401 while /health says 200: the daemon says so and stops (78).
+    doc = standin_topology(tmp_path)
+    doc["proxy"]["api_key_env"] = "DISAGGD_TEST_UNSET_KEY"
+    assert "DISAGGD_TEST_UNSET_KEY" not in os.environ
+    with DaemonProcess(tmp_path, doc) as d:
+        d.start(wait_ready=False)
+        assert d.wait(30) == 78
+        log = d.log()
+        assert "api_key_missing" in log and "DISAGGD_TEST_UNSET_KEY" in log
+        assert "child_spawned" not in log  # refused before anything started
+    # A running daemon refuses a reload that names an unset variable, and keeps serving.
+    second = tmp_path / "second"
+    second.mkdir()
+    doc = standin_topology(second)
+    with DaemonProcess(second, doc).start() as d:
+        before = d.pids()
+        doc["proxy"]["api_key_env"] = "DISAGGD_TEST_UNSET_KEY"
+        write_topology(d.config, doc)
+        proc = d.cli("reload")
+        assert proc.returncode == 1 and "DISAGGD_TEST_UNSET_KEY" in proc.stderr, proc.stderr
+        assert "nothing changed" in proc.stderr
+        assert d.pids() == before
+        body = {"model": "standin-model", "prompt": "still open", "max_tokens": 2}
+        assert http_post(f"{d.proxy_url}/v1/completions", body)[0] == 200

@@ -432,9 +432,22 @@ async def test_api_key(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Non
             assert r.status == 200
         async with s.get(px.base + "/v1/models", headers=ok) as r:
             assert r.status == 200
-        for path in ("/health", "/metrics"):
-            async with s.get(px.base + path) as r:
-                assert r.status == 200
+        async with s.get(px.base + "/health") as r:
+            assert r.status == 200  # probes carry no key
+        # The metrics name every instance and its load: behind the key by default.
+        async with s.get(px.base + "/metrics") as r:
+            assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        async with s.get(px.base + "/metrics", headers=ok) as r:
+            assert r.status == 200 and "disaggd_requests_total" in await r.text()
+    async with (
+        serve_proxy(
+            cluster.topology(api_key_env="TEST_DISAGGD_KEY", metrics_require_key=False)
+        ) as px,
+        aiohttp.ClientSession() as s,
+        s.get(px.base + "/metrics") as r,
+    ):
+        assert r.status == 200  # opened on purpose
+    async with serve_proxy(topo) as px, aiohttp.ClientSession() as s:
         # A reload reads the variable again.
         monkeypatch.setenv("TEST_DISAGGD_KEY", "rotated")
         px.proxy.update_settings(topo)
